@@ -1,0 +1,178 @@
+"""Reading Hugging Face checkpoints into our modules.
+
+Handles what released DeepSeek checkpoints actually contain: single or sharded safetensors,
+per-expert (`mlp.experts.{e}.gate_proj.weight`) or fused (`mlp.experts.gate_up_proj`) expert keys,
+the `language.` prefix of DeepSeek-VL2, FP8 e4m3 weights with 128x128 `weight_scale_inv` blocks, and
+the multi-token-prediction layers stored after the last decoder layer. Pickle `.bin` files are
+refused unless the caller opts in, because unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+FP8_BLOCK = 128
+_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_VL2_NON_LANGUAGE = ("vision.", "projector.", "image_newline", "view_seperator")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's tensors do not match the model built from its config."""
+
+
+def read_safetensors(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint: a .safetensors file, or a folder (single file or sharded with an index)."""
+    path = Path(path)
+    files = _checkpoint_files(path, allow_pickle)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        if file.suffix == ".bin":
+            tensors.update(torch.load(file, map_location="cpu", weights_only=True))
+            continue
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                tensors[key] = handle.get_tensor(key)
+    return tensors
+
+
+def _checkpoint_files(path: Path, allow_pickle: bool) -> list[Path]:
+    if path.is_file():
+        if path.suffix == ".bin" and not allow_pickle:
+            raise ValueError(f"{path} is a pickle checkpoint; pass allow_pickle=True only if you trust its source")
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            files = [path / shard for shard in shards]
+            break
+    else:
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors (or *.bin) weights in {path}")
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint index in {path} names missing shards: {missing}")
+    if any(f.suffix == ".bin" for f in files) and not allow_pickle:
+        raise ValueError(
+            f"{path} holds pickle (.bin) weights; convert them to safetensors, or pass allow_pickle=True "
+            "only if you trust their source (unpickling can run code)"
+        )
+    return files
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """FP8 e4m3 weight times its per-128x128-block scale; edge blocks of any shape are cropped."""
+    rows, cols = weight.shape
+    scale = scale_inv.float().repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:rows, :cols]
+    return (weight.float() * scale).to(dtype)
+
+
+def strip_language_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DeepSeek-VL2 stores the LM under `language.`; vision tower, projector and tile tags are dropped here."""
+    if not any(k.startswith("language.") for k in tensors):
+        return tensors
+    return {
+        k.removeprefix("language."): v
+        for k, v in tensors.items()
+        if k.startswith("language.") or not k.startswith(_VL2_NON_LANGUAGE)
+    }
+
+
+def dequantize_all(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    out = dict(tensors)
+    for key in [k for k in tensors if k.endswith(".weight_scale_inv")]:
+        weight_key = key.removesuffix("_scale_inv")
+        if weight_key not in out:
+            raise CheckpointMismatchError(f"{key} has no matching {weight_key}")
+        out[weight_key] = dequantize_fp8(out[weight_key], out.pop(key), dtype)
+    return out
+
+
+def fuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert gate/up/down matrices -> fused gate_up_proj (E, 2I, d) and down_proj (E, d, I)."""
+    groups: dict[str, dict[str, dict[int, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
+    out = {}
+    for key, value in tensors.items():
+        match = _EXPERT_KEY.match(key)
+        if match:
+            prefix, expert, proj = match.groups()
+            groups[prefix][proj][int(expert)] = value
+        else:
+            out[key] = value
+    for prefix, projs in groups.items():
+        counts = {len(v) for v in projs.values()}
+        num = max(max(v) for v in projs.values()) + 1
+        if set(projs) != {"gate", "up", "down"} or counts != {num}:
+            have = {p: sorted(v) for p, v in projs.items()}
+            raise CheckpointMismatchError(f"{prefix}: incomplete per-expert weights, found experts {have}")
+        gate = torch.stack([projs["gate"][e] for e in range(num)])
+        up = torch.stack([projs["up"][e] for e in range(num)])
+        out[f"{prefix}.gate_up_proj"] = torch.cat([gate, up], dim=1)
+        out[f"{prefix}.down_proj"] = torch.stack([projs["down"][e] for e in range(num)])
+    return out
+
+
+def mtp_layer_count(tensors: dict[str, torch.Tensor], num_hidden_layers: int) -> int:
+    """How many MTP modules the checkpoint holds (layers numbered num_hidden_layers and above)."""
+    indices = {int(m.group(1)) for k in tensors if (m := _LAYER_KEY.match(k)) and int(m.group(1)) >= num_hidden_layers}
+    return len(indices)
+
+
+def rename_mtp_layers(tensors: dict[str, torch.Tensor], num_hidden_layers: int, keep: bool) -> dict[str, torch.Tensor]:
+    """`model.layers.{L + k}.*` -> `mtp_layers.{k}.*`; their copy of the shared embedding is dropped."""
+    out = {}
+    for key, value in tensors.items():
+        match = _LAYER_KEY.match(key)
+        if not match or int(match.group(1)) < num_hidden_layers:
+            out[key] = value
+            continue
+        rest = match.group(2)
+        if keep and rest != "embed_tokens.weight":
+            out[f"mtp_layers.{int(match.group(1)) - num_hidden_layers}.{rest}"] = value
+    return out
+
+
+def load_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Check names and shapes against the model, then copy. One error lists every problem."""
+    config = model.config
+    dtype = model.dtype
+    tensors = dequantize_all(strip_language_prefix(tensors), dtype if dtype.is_floating_point else torch.bfloat16)
+    tensors = fuse_experts(tensors)
+    tensors = rename_mtp_layers(tensors, config.num_hidden_layers, keep=len(model.mtp_layers) > 0)
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    for k, layer in enumerate(model.mtp_layers):
+        # V3 stores a copy of lm_head as the MTP head; fall back to sharing it when absent.
+        head = f"mtp_layers.{k}.shared_head.head.weight"
+        if head not in tensors and "lm_head.weight" in tensors:
+            tensors[head] = tensors["lm_head.weight"]
+
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    misshaped = sorted(
+        f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(tensors)
+        if tensors[k].shape != expected[k].shape
+    )
+    if missing or unexpected or misshaped:
+        parts = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if items:
+                parts.append(f"{len(items)} {title}:\n  " + "\n  ".join(items))
+        raise CheckpointMismatchError("checkpoint does not match the model config\n" + "\n".join(parts))
+
+    with torch.no_grad():
+        for name, target in expected.items():
+            target.copy_(tensors[name])
