@@ -1,0 +1,162 @@
+"""Acceptance 1 (second half): pool behaviour and fault classification against the fake REPL."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+from prover.dataset import DEFAULT_HEADER
+from prover.pool import split_header
+from prover.repl_process import ProcessConfig, ReplProcess
+from prover.verdict import Status, classify
+
+STATEMENT = "theorem t (x : ℝ) (h : 2 * x = 4) : x = 2 := by\n"
+
+
+def proof(*lines: str) -> str:
+    return DEFAULT_HEADER + STATEMENT + "".join(f"  {line}\n" for line in lines)
+
+
+def line_of(code: str, needle: str) -> int:
+    return code[: code.index(needle)].count("\n") + 1
+
+
+def test_split_header_counts_import_lines():
+    header, body, n = split_header(proof("linarith"))
+    assert header == "import Mathlib\nimport Aesop\n" and n == 3
+    assert body.startswith("set_option maxHeartbeats 0")
+
+
+def test_complete_proof_reuses_header_env_and_audits(make_pool):
+    pool = make_pool()
+    for _ in range(3):
+        v = pool.verify(proof("linarith"), timeout=10, theorem="t")
+        assert v.status is Status.COMPLETE
+        assert v.axioms == ["propext", "Classical.choice", "Quot.sound"]
+    assert pool.restarts == 1  # the header ran once for three proofs
+
+
+def test_line_numbers_are_shifted_back_to_the_full_file(make_pool):
+    code = proof("nlinarith [sq_nonneg x]", "-- FAKE: error linarith failed")
+    v = make_pool().verify(code, timeout=10)
+    assert v.status is Status.LEAN_ERROR
+    assert v.errors[0].pos.line == line_of(code, "-- FAKE: error")
+
+
+@pytest.mark.parametrize("spelling", ["quote", "backtick"])
+def test_sorry_in_both_warning_spellings(make_pool, spelling):
+    code = proof("sorry")
+    v = make_pool("--sorry-spelling", spelling).verify(code, timeout=10)
+    assert v.status is Status.SORRY
+    assert v.sorries[0].pos.line == line_of(code, "  sorry")
+
+
+def test_sorry_warning_without_sorries_entry_still_fails(make_pool):
+    v = make_pool().verify(proof("exact sorryAx _ false"), timeout=10)
+    assert v.status is Status.SORRY and v.sorries == []
+
+
+def test_info_messages_never_fail_a_proof(make_pool):
+    v = make_pool().verify(proof("linarith") + "\n#print axioms t\n", timeout=10)
+    assert v.status is Status.COMPLETE
+    assert [m.severity for m in v.messages] == ["info"]
+
+
+def test_error_object_is_repl_error(transcripts, fake_cmd):
+    proc = ReplProcess(ProcessConfig(fake_cmd("--replay", str(transcripts / "core" / "unknown_environment"))))
+    try:
+        resp = proc.request({"cmd": "def f : Nat := by sorry", "env": 5}, timeout=10)
+    finally:
+        proc.close()
+    v = classify(resp)
+    assert v.status is Status.REPL_ERROR and v.reason == "Unknown environment."
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] in {"Z", "X"}
+    except FileNotFoundError:
+        return True
+
+
+def test_hang_times_out_kills_the_process_group_and_recovers(make_pool, tmp_path: Path):
+    pid_file = tmp_path / "child.pid"
+    pool = make_pool("--child-pid-file", str(pid_file))
+    v = pool.verify(proof("-- FAKE: sleep 60"), timeout=1.0)
+    assert v.status is Status.TIMEOUT
+    assert _gone(int(pid_file.read_text()))  # the grandchild went down with the group
+    assert pool.verify(proof("linarith"), timeout=10).status is Status.COMPLETE
+    assert pool.restarts == 2
+
+
+def test_crash_is_system_error_and_recovers(make_pool):
+    pool = make_pool()
+    v = pool.verify(proof("-- FAKE: crash"), timeout=10)
+    assert v.status is Status.SYSTEM_ERROR and "code 134" in v.reason
+    assert "Stack overflow" in v.stderr
+    assert pool.verify(proof("linarith"), timeout=10).status is Status.COMPLETE
+
+
+def test_megabyte_of_stderr_does_not_deadlock(make_pool):
+    v = make_pool().verify(proof("-- FAKE: stderr 1000000", "linarith"), timeout=10)
+    assert v.status is Status.COMPLETE
+    assert 0 < len(v.stderr) <= 8192 and set(v.stderr.strip()) == {"x"}
+
+
+def test_unparseable_output_is_system_error_and_recovers(make_pool):
+    pool = make_pool()
+    v = pool.verify(proof("-- FAKE: garbage"), timeout=10)
+    assert v.status is Status.SYSTEM_ERROR and "not JSON" in v.reason
+    assert pool.verify(proof("linarith"), timeout=10).status is Status.COMPLETE
+    assert pool.restarts == 2
+
+
+def test_memory_exhaustion_hits_rlimit_and_recovers(make_pool):
+    limit = 768 << 20
+    pool = make_pool(memory_limit_bytes=limit)
+    v = pool.verify(proof("-- FAKE: oom"), timeout=30)
+    assert v.status is Status.SYSTEM_ERROR
+    assert f"RLIMIT_AS={limit}" in v.stderr  # the limit reached the REPL process
+    assert pool.verify(proof("linarith"), timeout=10).status is Status.COMPLETE
+
+
+def test_dead_process_is_restarted(make_pool):
+    pool = make_pool()
+    assert pool.verify(proof("linarith"), timeout=10).complete
+    slot = pool._free[0]
+    os.killpg(slot.proc.pid, signal.SIGKILL)
+    slot.proc._proc.wait()
+    assert pool.verify(proof("linarith"), timeout=10).complete
+    assert pool.restarts == 2
+
+
+def test_recycle_after_max_uses(make_pool):
+    pool = make_pool(max_uses=2)
+    for _ in range(5):
+        assert pool.verify(proof("linarith"), timeout=10).complete
+    assert pool.restarts == 3
+
+
+def test_new_header_restarts_the_process(make_pool):
+    pool = make_pool()
+    assert pool.verify(proof("linarith"), timeout=10).complete
+    other = "import Mathlib\n\ntheorem u : True := by\n  trivial\n"
+    assert pool.verify(other, timeout=10).complete
+    assert pool.restarts == 2
+
+
+def test_concurrent_verifications_use_every_worker(make_pool):
+    pool = make_pool("--body-delay", "0.05", workers=2)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(pool.verify(proof("linarith"), 10, "t")))
+               for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert [v.status for v in results] == [Status.COMPLETE] * 8
+    assert pool.restarts == 2
