@@ -162,6 +162,18 @@ class MoEForCausalLM(nn.Module):
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return CausalLMOutput(logits=logits, cache=cache, last_hidden_state=hidden)
 
+    def mtp_logits(self, input_ids: torch.Tensor, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:
+        """Logits (B, T - 1, V) of MTP module `depth`: position i predicts token i + 2.
+
+        `hidden` is the main model's `last_hidden_state` for `input_ids` (B, T). Used for training the
+        MTP module (cross-entropy against input_ids[:, 2:] plus the next token) and for inspection.
+        """
+        batch, length = input_ids.shape
+        rope, mask = self.positions_and_mask(batch, length - 1, 0, None, None, hidden.dtype)
+        embeds = self.model.embed_tokens(input_ids[:, 1:])
+        logits, _ = self.mtp_layers[depth].predict(embeds, hidden[:, :-1], rope, mask, None)
+        return logits
+
     # ---- generation (implemented in generation.py) ----------------------------------------
     def generate(self, input_ids: torch.Tensor | None = None, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
         """Returns (B, T + new) tokens; see `shared_moe.generation.generate` for the arguments."""

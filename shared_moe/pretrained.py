@@ -14,8 +14,10 @@ from .model import MoEForCausalLM
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _default_dtype(config: MoEConfig, tensors: dict[str, torch.Tensor]) -> torch.dtype:
+def _default_dtype(config: MoEConfig, raw_config: dict, tensors: dict[str, torch.Tensor]) -> torch.dtype:
     """The checkpoint's own precision; FP8 checkpoints become bf16 (weights are dequantised on load)."""
+    if (raw_config.get("quantization_config") or {}).get("quant_method") == "fp8":
+        return torch.bfloat16
     if config.torch_dtype in _DTYPES:
         return _DTYPES[config.torch_dtype]
     float_dtypes = [t.dtype for t in tensors.values() if t.dtype in _DTYPES.values()]
@@ -43,7 +45,7 @@ def from_pretrained(
     tensors = read_safetensors(path, allow_pickle=allow_pickle)
     if "language_config" in raw_config:
         tensors = {k.removeprefix("language."): v for k, v in tensors.items() if k.startswith("language.")}
-    dtype = dtype or _default_dtype(config, tensors)
+    dtype = dtype or _default_dtype(config, raw_config, tensors)
     device = torch.device(device or "cpu")
     num_mtp = mtp_layer_count(tensors, config.num_hidden_layers) if load_mtp else 0
     if num_mtp and not config.num_nextn_predict_layers:

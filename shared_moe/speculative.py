@@ -39,11 +39,13 @@ def mtp_generate(
     input_ids: torch.Tensor,
     max_new_tokens: int,
     eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None,
     attention_mask: torch.Tensor | None = None,
     do_sample: bool = False,
 ) -> SpeculativeResult:
-    """Greedy decoding of one sequence (batch 1, no padding) drafted by the first MTP module."""
+    """Greedy decoding of one sequence (batch 1, no padding) drafted by the first MTP module.
+
+    Like `generate`, decoding ends after a stop token, so the result can be shorter than max_new_tokens.
+    """
     if not len(model.mtp_layers):
         raise ValueError("this model has no MTP layers (its checkpoint has no model.layers.{num_hidden_layers}.*)")
     if input_ids.shape[0] != 1 or (attention_mask is not None and not bool(attention_mask.all())):
@@ -77,8 +79,5 @@ def mtp_generate(
         token = new_ids[:, -1]
         draft = _draft(model, new_ids, hidden, mtp_cache)
 
-    if generated[-1] in stops or len(generated) < max_new_tokens:
-        pad = pad_token_id if pad_token_id is not None else generated[-1]
-        generated += [pad] * (max_new_tokens - len(generated))
-    new = torch.tensor(generated[:max_new_tokens], device=input_ids.device)[None]
+    new = torch.tensor(generated, device=input_ids.device)[None]
     return SpeculativeResult(torch.cat([input_ids, new], dim=1), drafted, accepted)

@@ -1,0 +1,146 @@
+"""Checkpoint formats: FP8 blocks, sharding, VL2 prefix, MTP layers, clear errors, pickle refusal."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import shared_moe
+from shared_moe.checkpoint import FP8_BLOCK, CheckpointMismatchError, dequantize_fp8
+
+
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference block quantiser: per 128x128 block, scale = amax / 448 (e4m3 max)."""
+    rows, cols = weight.shape
+    br, bc = -(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK)
+    padded = torch.zeros(br * FP8_BLOCK, bc * FP8_BLOCK)
+    padded[:rows, :cols] = weight.float()
+    blocks = padded.view(br, FP8_BLOCK, bc, FP8_BLOCK)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    q = (blocks / scale[:, None, :, None]).view_as(padded)[:rows, :cols].to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def test_fp8_dequantisation_of_non_multiple_of_128_shape():
+    weight = (torch.randn(200, 300, generator=torch.Generator().manual_seed(0)) * 0.05).to(torch.bfloat16)
+    q, scale = quantize_fp8(weight)
+    assert scale.shape == (2, 3)
+    restored = dequantize_fp8(q, scale, torch.bfloat16)
+    assert restored.shape == (200, 300) and restored.dtype == torch.bfloat16
+    # e4m3 keeps 3 mantissa bits: relative error <= 2^-4, plus the subnormal step 2^-9 (scaled).
+    step = scale.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:200, :300] * 2.0**-9
+    error = (restored.float() - weight.float()).abs()
+    bound = weight.float().abs() * 2.0**-4 + step + weight.float().abs() * 2.0**-8
+    assert bool((error <= bound).all())
+    assert error.max() > 0  # it really went through FP8
+
+
+def loaded_weight(model: torch.nn.Module, key: str) -> torch.Tensor:
+    """A checkpoint key's tensor in the loaded model; per-expert keys index the fused expert tensors."""
+    match = re.match(r"(.+\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$", key)
+    if not match:
+        return model.get_parameter(key)
+    prefix, expert, proj = match.group(1), int(match.group(2)), match.group(3)
+    if proj == "down":
+        return model.get_parameter(f"{prefix}.down_proj")[expert]
+    gate, up = model.get_parameter(f"{prefix}.gate_up_proj")[expert].chunk(2)
+    return gate if proj == "gate" else up
+
+
+def test_fp8_checkpoint_loads_to_bf16_values(tiny_checkpoint):
+    hf, folder = tiny_checkpoint("v3", hidden_size=200, intermediate_size=300, num_attention_heads=4)
+    tensors = load_file(folder / "model.safetensors")
+    originals = {}
+    for key in [k for k, v in tensors.items() if v.ndim == 2 and "proj" in k and "layernorm" not in k]:
+        originals[key] = tensors[key].to(torch.bfloat16)
+        tensors[key], tensors[key + "_scale_inv"] = quantize_fp8(originals[key])
+    assert tensors["model.layers.0.mlp.down_proj.weight"].shape == (200, 300)
+    save_file(tensors, folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    config.pop("dtype", None)
+    (folder / "config.json").write_text(json.dumps(config))
+
+    model = shared_moe.from_pretrained(folder)
+    assert model.dtype == torch.bfloat16
+    for key, original in originals.items():
+        loaded = loaded_weight(model, key).float()
+        expected = dequantize_fp8(tensors[key], tensors[key + "_scale_inv"], torch.bfloat16).float()
+        assert torch.equal(loaded, expected), key
+        assert (loaded - original.float()).abs().max() <= original.float().abs().max() * 2.0**-4 + 1e-6
+
+
+def test_sharded_checkpoint_with_index(tiny_checkpoint, tmp_path):
+    hf, folder = tiny_checkpoint("v3")
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    a, b = shared_moe.from_pretrained(folder), shared_moe.from_pretrained(sharded)
+    ids = torch.randint(2, 96, (1, 9))
+    assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_vl2_language_prefix_and_config(tiny_checkpoint, tmp_path):
+    hf, folder = tiny_checkpoint("v2")
+    tensors = {f"language.{k}": v for k, v in load_file(folder / "model.safetensors").items()}
+    tensors["vision.blocks.0.attn.qkv.weight"] = torch.zeros(4, 4)
+    tensors["image_newline"] = torch.zeros(64)
+    tensors["view_seperator"] = torch.zeros(64)
+    vl2 = tmp_path / "vl2"
+    vl2.mkdir()
+    save_file(tensors, vl2 / "model.safetensors")
+    language = json.loads((folder / "config.json").read_text())
+    (vl2 / "config.json").write_text(json.dumps({"model_type": "deepseek_vl_v2", "language_config": language}))
+    ours = shared_moe.from_pretrained(vl2, dtype=torch.float32)
+    ids = torch.randint(2, 96, (1, 9))
+    with torch.no_grad():
+        assert (ours(ids).logits - hf(ids).logits).abs().max() < 1e-5
+
+
+def test_mismatched_checkpoint_lists_every_problem(tiny_checkpoint):
+    _, folder = tiny_checkpoint("v3")
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.norm.weight"]
+    tensors["model.layers.0.surprise.weight"] = torch.zeros(3)
+    tensors["lm_head.weight"] = torch.zeros(5, 64)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointMismatchError) as info:
+        shared_moe.from_pretrained(folder)
+    message = str(info.value)
+    assert "model.norm.weight" in message and "model.layers.0.surprise.weight" in message
+    assert "lm_head.weight: checkpoint (5, 64)" in message
+
+
+def test_missing_expert_is_reported(tiny_checkpoint):
+    _, folder = tiny_checkpoint("v3")
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.2.mlp.experts.5.up_proj.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointMismatchError, match="model.layers.2.mlp.experts: incomplete"):
+        shared_moe.from_pretrained(folder)
+
+
+def test_pickle_weights_refused_unless_opted_in(tiny_checkpoint, tmp_path):
+    hf, folder = tiny_checkpoint("llama")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((folder / "config.json").read_text())
+    torch.save(hf.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickle"):
+        shared_moe.from_pretrained(pickled)
+    model = shared_moe.from_pretrained(pickled, allow_pickle=True)
+    ids = torch.randint(2, 96, (1, 5))
+    with torch.no_grad():
+        assert (model(ids).logits - hf(ids).logits).abs().max() < 1e-5
+
+
+def test_mtp_layer_loads_and_is_skipped_on_request(tiny_checkpoint, add_mtp_layer):
+    _, folder = tiny_checkpoint("v3")
+    add_mtp_layer(folder)
+    model = shared_moe.from_pretrained(folder)
+    assert len(model.mtp_layers) == 1
+    assert len(shared_moe.from_pretrained(folder, load_mtp=False).mtp_layers) == 0

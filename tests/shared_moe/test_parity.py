@@ -1,0 +1,94 @@
+"""Parity with transformers on tiny random checkpoints saved by its own save_pretrained (fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import shared_moe
+
+TOL = 1e-5
+
+CASES = {
+    # name: (kind, save_original_format, config overrides)
+    "v3-groups-norm": ("v3", True, {}),
+    "v3-fused-no-norm": ("v3", False, {"norm_topk_prob": False}),
+    "v3-qlora-yarn": ("v3", True, {"q_lora_rank": 24, "yarn": True}),
+    "v3-one-group": ("v3", False, {"n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.0}),
+    "v2-greedy": ("v2", True, {}),
+    "v2-group-limited-yarn": ("v2", False, {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
+                                            "routed_scaling_factor": 16.0, "yarn": True, "q_lora_rank": None}),
+    "llama-gqa": ("llama", True, {}),
+}
+
+
+@pytest.fixture(params=sorted(CASES))
+def pair(request, tiny_checkpoint):
+    kind, original, overrides = CASES[request.param]
+    hf, folder = tiny_checkpoint(kind, original_format=original, **overrides)
+    return hf, shared_moe.from_pretrained(folder, dtype=torch.float32)
+
+
+def test_full_sequence_logits(pair):
+    hf, ours = pair
+    ids = torch.randint(2, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = ours(ids).logits
+    assert (got - expected).abs().max().item() < TOL
+
+
+def test_prefill_then_decode_equals_full_forward(pair):
+    hf, ours = pair
+    ids = torch.randint(2, 96, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        out = ours(ids[:, :8])
+        pieces = [out.logits]
+        for t in range(8, 12):
+            out = ours(ids[:, t : t + 1], cache=out.cache)
+            pieces.append(out.logits)
+    assert (torch.cat(pieces, dim=1) - expected).abs().max().item() < TOL
+
+
+def test_greedy_generate_matches_transformers(pair):
+    hf, ours = pair
+    ids = torch.randint(2, 96, (1, 7), generator=torch.Generator().manual_seed(3))
+    expected = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    got = ours.generate(ids, max_new_tokens=20)
+    assert got.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("kind", ["v3", "v2"])
+def test_yarn_positions_beyond_original_context(tiny_checkpoint, kind):
+    hf, folder = tiny_checkpoint(kind, yarn=True, seed=5)
+    ours = shared_moe.from_pretrained(folder)
+    ids = torch.randint(2, 96, (1, 16), generator=torch.Generator().manual_seed(4))
+    positions = torch.arange(4000, 4016)[None]  # original context is 64 tokens
+    with torch.no_grad():
+        expected = hf(ids, position_ids=positions).logits
+        got = ours(ids, position_ids=positions).logits
+    assert (got - expected).abs().max().item() < TOL
+
+
+def test_router_bias_has_negative_values_and_stays_fp32(tiny_checkpoint):
+    _, folder = tiny_checkpoint("v3")
+    model = shared_moe.from_pretrained(folder, dtype=torch.bfloat16)
+    bias = model.model.layers[1].mlp.gate.e_score_correction_bias
+    assert bias.dtype == torch.float32 and (bias < 0).any() and (bias > 0).any()
+    assert model.model.layers[1].mlp.gate.weight.dtype == torch.bfloat16
+    assert model.rotary.inv_freq.dtype == torch.float32
+
+
+def test_mla_cache_holds_only_latent_and_rope_key(tiny_checkpoint):
+    hf, folder = tiny_checkpoint("v3")
+    cfg = hf.config
+    for dtype in (torch.float32, torch.bfloat16):
+        model = shared_moe.from_pretrained(folder, dtype=dtype)
+        ids = torch.randint(2, 96, (2, 10))
+        out = model(ids)
+        out = model(ids[:, :3], cache=out.cache)
+        tokens = 13
+        per_token = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        element = torch.finfo(dtype).bits // 8
+        assert out.cache.nbytes() == 2 * cfg.num_hidden_layers * tokens * per_token * element
