@@ -79,7 +79,7 @@ class MoEConfig:
             raise ValueError(f"rope_type {rope_type!r} is not supported; expected one of {ROPE_TYPES}")
         if self.n_routed_experts and self.n_routed_experts % self.n_group:
             raise ValueError(f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}")
-        if self.num_attention_heads % self.num_key_value_heads:
+        if not self.use_mla and self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
 
     # ---- derived sizes -------------------------------------------------------------------
