@@ -121,8 +121,13 @@ def parse_response(text: str) -> Response:
         d = json.loads(text)
     except json.JSONDecodeError as e:
         raise ProtocolError(f"REPL output is not JSON ({e}): {text[:200]!r}") from e
+    return response_from_json(d)
+
+
+def response_from_json(d: object) -> Response:
+    """Typed response from an already decoded object (the Kimina server embeds them in its JSON)."""
     if not isinstance(d, dict):
-        raise ProtocolError(f"REPL output is not a JSON object: {text[:200]!r}")
+        raise ProtocolError(f"REPL output is not a JSON object: {str(d)[:200]!r}")
     try:
         if set(d) == {"message"}:
             return ErrorResponse(str(d["message"]))
@@ -134,7 +139,7 @@ def parse_response(text: str) -> Response:
             return CommandResponse(None if env is None else int(env), _messages(d), _sorries(d),
                                    list(d.get("tactics", [])), d)
     except (KeyError, TypeError, ValueError) as e:
-        raise ProtocolError(f"malformed REPL response ({e!r}): {text[:200]!r}") from e
+        raise ProtocolError(f"malformed REPL response ({e!r}): {str(d)[:200]!r}") from e
     raise ProtocolError(f"unrecognised REPL response keys {sorted(d)}")
 
 

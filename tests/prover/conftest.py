@@ -67,3 +67,59 @@ def make_pool():
     yield make
     for pool in pools:
         pool.close()
+
+
+@pytest.fixture
+def kimina_server():
+    """A stand-in Kimina Lean Server on 127.0.0.1: /api/check runs each snippet in a fresh sim fake REPL.
+
+    `state["fail_first"]` makes the first N requests answer HTTP 500 (retry tests); `state["requests"]`
+    counts requests.
+    """
+    import json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prover.repl_process import ReplProcess, ReplTimeout
+
+    state = {"fail_first": 0, "requests": 0}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # keep pytest output clean
+            pass
+
+        def do_POST(self):
+            state["requests"] += 1
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path != "/api/check" or state["fail_first"] > 0:
+                state["fail_first"] -= 1
+                self.send_response(500 if self.path == "/api/check" else 404)
+                self.end_headers()
+                return
+            results = []
+            for snip in body["snippets"]:
+                proc = ReplProcess(ProcessConfig(_fake_command()))
+                start = time.monotonic()
+                try:
+                    resp = proc.request({"cmd": snip["code"]}, body["timeout"])
+                    results.append({"id": snip["id"], "time": time.monotonic() - start, "response": resp.raw
+                                    if hasattr(resp, "raw") else {"message": resp.message}})
+                except ReplTimeout:
+                    results.append({"id": snip["id"], "time": time.monotonic() - start,
+                                    "error": f"Lean REPL command timed out in {body['timeout']} seconds"})
+                finally:
+                    proc.close()
+            data = json.dumps({"results": results}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", state
+    server.shutdown()
+    server.server_close()

@@ -23,6 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for prover.textguard
+from prover.textguard import blank_comments_and_strings  # noqa: E402
+
 DEFAULT_AXIOMS = ["propext", "Classical.choice", "Quot.sound"]
 DECL_RE = re.compile(
     r"^(?:@\[[^\]]*\]\s*)?(?:(?:private|protected|noncomputable|partial|unsafe|local|scoped)\s+)*"
@@ -87,38 +90,6 @@ def _frames(text: str) -> list[str]:
     return frames
 
 
-def strip_comments(text: str) -> str:
-    """Blank out comments and string literals, keeping offsets, so markers inside them do nothing."""
-    out, i, depth = list(text), 0, 0
-    while i < len(text):
-        if depth == 0 and text.startswith("--", i):
-            j = text.find("\n", i)
-            j = len(text) if j < 0 else j
-            out[i:j] = " " * (j - i)
-            i = j
-        elif text.startswith("/-", i):
-            depth += 1
-            out[i:i + 2] = "  "
-            i += 2
-        elif depth and text.startswith("-/", i):
-            depth -= 1
-            out[i:i + 2] = "  "
-            i += 2
-        elif depth:
-            out[i] = out[i] if text[i] == "\n" else " "
-            i += 1
-        elif text[i] == '"':
-            j = i + 1
-            while j < len(text) and text[j] != '"':
-                j += 2 if text[j] == "\\" else 1
-            for k in range(i, min(j + 1, len(text))):
-                out[k] = out[k] if text[k] == "\n" else " "
-            i = j + 1
-        else:
-            i += 1
-    return "".join(out)
-
-
 def line_col(text: str, offset: int) -> dict:
     line = text.count("\n", 0, offset) + 1
     return {"line": line, "column": offset - (text.rfind("\n", 0, offset) + 1)}
@@ -152,7 +123,7 @@ class Sim:
         cut = re.search(r"^#exit\b", raw, re.M)
         text = raw[: cut.start()] if cut else raw
         self.directives(text)
-        code = strip_comments(text)
+        code = blank_comments_and_strings(text)
         messages, sorries = [], []
         if re.search(r"^import\s", code, re.M):
             if env is not None:
@@ -163,6 +134,8 @@ class Sim:
             time.sleep(self.args.body_delay)
         for m in re.finditer(r"^\s*--\s*FAKE:\s*error\s+(.*)$", text, re.M):
             messages.append(self.msg("error", text, m.start(), 1, m.group(1)))
+        # tactic macros whose expansion is `sorry`: using one is a sorry Lean reports late
+        tainted = [m.group(1) for m in re.finditer(r'^macro\s+"(\w+)"[^\n]*=>[^\n]*sorry', text, re.M)]
         starts = [m for m in DECL_RE.finditer(code)]
         for idx, m in enumerate(starts):
             end = starts[idx + 1].start() if idx + 1 < len(starts) else len(code)
@@ -175,12 +148,15 @@ class Sim:
                                 "pos": line_col(code, m.start() + h.start()),
                                 "goal": f"⊢ <goal of {name}>",
                                 "endPos": line_col(code, m.start() + h.end())})
-            if holes or re.search(WORD.format("sorryAx"), segment):
+            hidden = any(re.search(WORD.format(re.escape(t)), segment) for t in tainted)
+            if holes or hidden or re.search(WORD.format("sorryAx"), segment):
                 warn = self.msg("warning", code, m.start(2) if m.group(2) else m.start(), max(len(name), 1),
                                 "declaration uses " + ("`sorry`" if self.args.sorry_spelling == "backtick"
                                                        else "'sorry'"))
                 messages.append(warn)
             decls[name] = self.axioms_of(m.group(1), name, segment, decls, text)
+            if hidden:
+                decls[name].append("sorryAx")
         for m in re.finditer(r"^#print\s+axioms\s+(\S+)", code, re.M):
             target = m.group(1)
             if target not in decls:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -76,11 +77,16 @@ def test_error_object_is_repl_error(transcripts, fake_cmd):
 
 
 def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] in {"Z", "X"}
-    except FileNotFoundError:
-        return True
+    """Dead or a zombie; SIGKILL delivery is asynchronous, so give the kernel a moment."""
+    for _ in range(100):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] in {"Z", "X"}:
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_hang_times_out_kills_the_process_group_and_recovers(make_pool, tmp_path: Path):

@@ -1,0 +1,98 @@
+"""Statement pinning: the verified file always carries the reference header and statement.
+
+Completion outputs are appended to the reference statement. Whole-file outputs keep only the model's
+proof (after its `theorem <name> ... := by`) and any helper `theorem`/`lemma`s before it; every other
+command before the theorem (namespace, instance, notation, open, variable...) is refused, so nothing
+can change what the statement means.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .dataset import Problem
+from .leantext import find_top_level
+from .textguard import blank_comments_and_strings
+
+
+class PinError(ValueError):
+    """The candidate cannot be tied to the reference statement."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    text: str
+    kind: str  # "completion": continues formal_statement; "file": a whole Lean file
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("completion", "file"):
+            raise ValueError(f"candidate kind must be 'completion' or 'file', not {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class PinnedFile:
+    code: str  # what Lean checks
+    authored: str  # the model-written parts of `code`, which the text layer scans
+
+
+def decl_pattern(name: str) -> re.Pattern:
+    """A `theorem`/`lemma` declaration of exactly `name` (not `name'` or `name.foo`)."""
+    return re.compile(r"(?m)^[ \t]*(?:theorem|lemma)[ \t]+" + re.escape(name) + r"(?![\w'.])")
+
+
+def proof_start(code: str, start: int) -> int:
+    """Offset just after the `:= by` that opens the proof of the declaration beginning at `start`."""
+    i = find_top_level(code, ":=", start)
+    if i < 0:
+        raise PinError("no `:=` after the theorem statement")
+    m = re.compile(r":=\s*by(?![\w'])").match(code, i)
+    if not m:
+        raise PinError("the proof must be a tactic block (`:= by ...`)")
+    return m.end()
+
+
+def _helpers(preamble: str, blanked: str, header: str) -> str:
+    """Helper theorems/lemmas written before the main theorem; anything else is refused."""
+    header_lines = {line.strip() for line in header.splitlines() if line.strip()}
+    kept: list[str] = []
+    in_decl = False
+    for raw, line in zip(preamble.splitlines(), blanked.splitlines()):
+        if not line.strip():
+            if in_decl:
+                kept.append(raw)
+            continue
+        if line[0].isspace():
+            if not in_decl:
+                raise PinError(f"unexpected text before the theorem: {raw.strip()[:80]!r}")
+            kept.append(raw)
+        elif line.strip() in header_lines:
+            in_decl = False
+        elif re.match(r"(?:theorem|lemma)\s", line):
+            in_decl = True
+            kept.append(raw)
+        else:
+            raise PinError(f"command before the theorem is not allowed: {raw.strip()[:80]!r}")
+    return "\n".join(kept).strip("\n")
+
+
+def pin(problem: Problem, candidate: Candidate) -> PinnedFile:
+    statement = problem.formal_statement
+    if not statement.rstrip().endswith(":= by"):
+        raise PinError(f"{problem.name}: reference statement does not end with ':= by'")
+    head = problem.header + problem.informal_prefix + statement.rstrip()
+    if candidate.kind == "completion":
+        body = candidate.text if candidate.text.startswith(("\n", " ")) else "\n" + candidate.text
+        return PinnedFile(head + body, body)
+    text = candidate.text
+    blanked = blank_comments_and_strings(text)
+    decls = list(decl_pattern(problem.name).finditer(blanked))
+    if not decls:
+        raise PinError(f"the output never states `theorem {problem.name}`")
+    if len(decls) > 1:
+        raise PinError(f"`{problem.name}` is declared {len(decls)} times")
+    start = decls[0].start()
+    proof = text[proof_start(blanked, start):]
+    helpers = _helpers(text[:start], blanked[:start], problem.header)
+    prefix = problem.header + (helpers + "\n\n" if helpers else "")
+    code = prefix + problem.informal_prefix + statement.rstrip() + proof
+    return PinnedFile(code, helpers + "\n" + proof)

@@ -1,0 +1,149 @@
+"""Acceptance 4: every cheat of prover.md §4 is refused, by the layer the table names."""
+from __future__ import annotations
+
+import pytest
+
+from prover.checker import CheckConfig, Checker
+from prover.dataset import DEFAULT_HEADER, Problem, load_minif2f
+from prover.kimina import KiminaBackend, KiminaConfig
+from prover.pinning import Candidate, pin
+from prover.textguard import GuardPolicy
+from prover.verdict import Status
+
+STATEMENT = "theorem t (x : ℝ) (h : 2 * x = 4) : x = 2 := by\n"
+PROBLEM = Problem("t", "test", DEFAULT_HEADER, "", STATEMENT)
+
+
+def file(*body: str, before: str = "") -> Candidate:
+    """A whole-file model output: header, optional commands before the theorem, the theorem, its proof."""
+    return Candidate(DEFAULT_HEADER + before + STATEMENT + "".join(f"  {b}\n" for b in body), "file")
+
+
+def completion(text: str) -> Candidate:
+    return Candidate(text, "completion")
+
+
+# (table row, candidate, layer that must refuse it with the default policy)
+CHEATS = [
+    (1, file("sorry"), "text"),
+    (2, file("admit"), "text"),
+    (3, file("exact sorryAx _ false"), "text"),
+    (4, completion("  exact magic _\n\naxiom magic : ∀ p : Prop, p\n"), "text"),
+    (5, file("have : 2 ^ 61 % 7 = 2 := by native_decide", "linarith"), "text"),
+    (6, completion("  have hb : b () = false := by\n    simp [b]\n  linarith\n\n"
+                   "@[implemented_by lieImpl] def b (_ : Unit) : Bool := true\n"), "text"),
+    (7, completion("  linarith\n\n#eval show Lean.Elab.Command.CommandElabM Unit from do\n"
+                   "  Lean.modifyEnv fun env => env\n"), "text"),
+    (8, completion("  set_option debug.skipKernelTC true in\n  linarith\n"), "text"),
+    (9, file("finish", before='macro "finish" : tactic => `(tactic| sorry)\n'), "pin"),
+    (10, file("apply?"), "text"),
+    (11, Candidate(DEFAULT_HEADER + "theorem t' (x : ℝ) (h : 2 * x = 4) : x = 2 := by\n  linarith\n", "file"), "pin"),
+    (12, file("linarith", before="namespace X\ndef Real.sqrt (x : ℝ) : ℝ := x\n"), "pin"),
+    (13, file("linarith", before="local instance : Add ℕ := ⟨Nat.mul⟩\n"), "pin"),
+    (14, completion("  linarith\n#exit\n"), "text"),
+    (15, completion("  linarith\n\ndef f : ℕ → ℕ\n  | n => f (n + 1)\ndecreasing_by sorry\n"), "text"),
+    (16, completion("  linarith\n\npartial def loop (n : ℕ) : ℕ := loop n\n"), "text"),
+    (17, completion("  linarith\n\n#eval Lean.modifyEnv fun env => env\n"), "text"),
+    (18, file("exact hbad.elim", before="variable (hbad : False)\ninclude hbad\n"), "pin"),
+    (20, file("-- FAKE: sleep 30", "decide"), "timeout"),
+]
+
+
+@pytest.fixture
+def checker(make_pool):
+    return Checker(make_pool(), CheckConfig(timeout=2.0))
+
+
+@pytest.mark.parametrize("row,candidate,layer", CHEATS, ids=[f"cheat{r}" for r, _, _ in CHEATS])
+def test_cheat_is_refused_by_the_named_layer(checker, row, candidate, layer):
+    verdict = checker.check(PROBLEM, candidate).verdict
+    assert not verdict.complete
+    if layer == "timeout":
+        assert verdict.status is Status.TIMEOUT
+    else:
+        assert verdict.status is Status.REJECTED and verdict.reason.startswith(layer + ":"), verdict.reason
+
+
+def test_cheat_19_statement_bugs_are_handled_by_the_variant(shared_dir):
+    """Row 19 is not a cheat but a statement bug: the rectified set fixes it and runs record the variant."""
+    v15 = {p.name: p for p in load_minif2f("deepseek_v15", "test")}
+    fixed = {p.name: p for p in load_minif2f("goedel_v2_rectified", "test")}
+    assert "(n : ℕ)" in v15["mathd_algebra_314"].formal_statement
+    assert v15["mathd_algebra_314"].formal_statement != fixed["mathd_algebra_314"].formal_statement
+    assert sum(v15[n].formal_statement != fixed[n].formal_statement for n in v15) == 15
+
+
+# Without the text layer, the audit and the sorry checks still refuse these (raw files, no pinning).
+AUDITED = {
+    3: ("  exact sorryAx _ false\n", "", Status.SORRY),
+    4: ("  exact magic _\n", "axiom magic : ∀ p : Prop, p\n\n", Status.REJECTED),
+    5: ("  have : 2 ^ 61 % 7 = 2 := by native_decide\n  linarith\n", "", Status.REJECTED),
+    6: ("  have hb : b () = false := by native_decide\n  linarith\n",
+        "def lieImpl (_ : Unit) : Bool := false\n@[implemented_by lieImpl] def b (_ : Unit) : Bool := true\n\n",
+        Status.REJECTED),
+    9: ("  finish\n", 'macro "finish" : tactic => `(tactic| sorry)\n\n', Status.SORRY),
+    10: ("  apply?\n", "", Status.REJECTED),
+    1: ("  sorry\n", "", Status.SORRY),
+    2: ("  admit\n", "", Status.SORRY),
+    15: ("  linarith\n\ndef f : ℕ → ℕ\n  | n => f (n + 1)\ndecreasing_by sorry\n", "", Status.SORRY),
+}
+
+
+@pytest.mark.parametrize("row", sorted(AUDITED), ids=[f"cheat{r}" for r in sorted(AUDITED)])
+def test_second_layer_refuses_without_text_layer(checker, row):
+    proof, before, status = AUDITED[row]
+    code = DEFAULT_HEADER + before + STATEMENT + proof
+    verdict = checker.check_code(code, "t")
+    assert verdict.status is status, verdict.reason
+    if status is Status.REJECTED:
+        assert verdict.reason.startswith("audit:")
+
+
+@pytest.mark.parametrize("row", [4, 5, 6, 10])
+def test_naive_check_would_have_accepted(make_pool, row):
+    """Why the audit exists: these pass a check that only looks at errors and sorries."""
+    proof, before, _ = AUDITED[row]
+    verdict = make_pool().verify(DEFAULT_HEADER + before + STATEMENT + proof, timeout=5, theorem="t")
+    assert verdict.status is Status.COMPLETE and not set(verdict.axioms) <= {"propext", "Classical.choice",
+                                                                            "Quot.sound"}
+
+
+def test_cheat_7_is_invisible_to_the_audit_so_the_text_layer_must_catch_it(checker):
+    """Environment hacking leaves `#print axioms` clean (needs kernel replay); only the text layer sees it."""
+    code = DEFAULT_HEADER + "#eval addDeclCore ff\n\n" + STATEMENT + "  exact ff.elim\n"
+    assert checker.check_code(code, "t").status is Status.COMPLETE
+    assert checker.check(PROBLEM, Candidate(code, "file")).verdict.status is Status.REJECTED
+
+
+def test_cheat_14_exit_fails_closed_when_audit_is_appended(kimina_server):
+    """Kimina has no env reuse, so the audit is appended; `#exit` swallows it and the audit fails closed."""
+    url, _ = kimina_server
+    checker = Checker(KiminaBackend(KiminaConfig(url)), CheckConfig(timeout=10, guard=GuardPolicy(
+        allowed=frozenset({"#exit"}))))
+    verdict = checker.check(PROBLEM, completion("  linarith\n#exit\n")).verdict
+    assert verdict.status is Status.REJECTED and "fail closed" in verdict.reason
+    assert checker.check(PROBLEM, file("linarith")).verdict.complete
+
+
+def test_changed_hypotheses_are_replaced_by_the_reference_statement():
+    cand = Candidate(DEFAULT_HEADER + "theorem t (x : ℝ) (h : 2 * x = 4) (hx : x = 2) : x = 2 := by\n  exact hx\n",
+                     "file")
+    code = pin(PROBLEM, cand).code
+    assert STATEMENT.rstrip() in code and "(hx : x = 2)" not in code
+
+
+def test_comment_cannot_hide_or_trigger_a_ban(checker):
+    ok = checker.check(PROBLEM, file("-- no sorry here, and /- admit -/ neither", "linarith"))
+    assert ok.verdict.complete
+    sneaky = checker.check(PROBLEM, file('have s := "-- "', "sorry"))
+    assert sneaky.verdict.reason.startswith("text:")
+
+
+def test_rules_are_configurable(checker):
+    policy = GuardPolicy(allowed=frozenset({"native_decide"}))
+    lenient = Checker(checker.backend, CheckConfig(timeout=2.0, guard=policy,
+                                                   allowed_axioms=frozenset({"propext", "Classical.choice",
+                                                                             "Quot.sound", "Lean.ofReduceBool"})))
+    assert lenient.check(PROBLEM, file("have : 2 ^ 61 % 7 = 2 := by native_decide", "linarith")).verdict.complete
+    with pytest.raises(ValueError, match="unknown guard rule"):
+        GuardPolicy(allowed=frozenset({"no_such_rule"}))
