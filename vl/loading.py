@@ -125,6 +125,7 @@ def hf_siglip_config(v: dict) -> SigLIPConfig:
 
 def vl1_hf_config(cfg: dict, preprocessor: dict) -> VLConfig:
     language = dict(cfg["text_config"])
+    # transformers' VL ports tie at the top level; the file then has no lm_head (see load_tensors).
     language["tie_word_embeddings"] = cfg.get("tie_word_embeddings", language.get("tie_word_embeddings", False))
     low = hf_siglip_config(cfg["vision_config"])
     common = dict(
@@ -273,7 +274,17 @@ def load_tensors(model: VisionLanguageModel, tensors: dict[str, torch.Tensor], l
     with torch.no_grad():
         for k, target in expected.items():
             target.copy_(own[k])
-    model.lm.load_hf_state_dict(lm_tensors)
+    lm = model.lm
+    tied = lm.config.tie_word_embeddings
+    if tied:
+        # shared_moe's loader drops `lm_head.weight` for tied configs yet still expects it in the
+        # state dict; load as untied with the head = the embedding (the parameter stays shared).
+        lm_tensors.setdefault("lm_head.weight", lm_tensors.get("model.embed_tokens.weight"))
+        lm.config.tie_word_embeddings = False
+    try:
+        lm.load_hf_state_dict(lm_tensors)
+    finally:
+        lm.config.tie_word_embeddings = tied
 
 
 def load(

@@ -99,7 +99,7 @@ class DeepseekVL(VisionLanguageModel):
             self.aligner = MlpProjector(cfg.low.width, n_embed, cfg.aligner_depth)
         else:
             self.vision_model = HybridVisionTower(cfg)
-            self.aligner = HybridSplitMlpProjector(cfg.low.width, n_embed, cfg.aligner_depth)
+            self.aligner = HybridSplitMlpProjector(cfg.high.out_channels, cfg.low.width, n_embed, cfg.aligner_depth)
         self.language_model = MoEForCausalLM(MoEConfig.from_hf(cfg.language))
 
     @property

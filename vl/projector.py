@@ -33,10 +33,10 @@ class MlpProjector(nn.Module):
 class HybridSplitMlpProjector(nn.Module):
     """DeepSeek-VL `low_high_hybrid_split_mlp_gelu`: half the width from SAM, half from SigLIP."""
 
-    def __init__(self, input_dim: int, n_embed: int, depth: int = 2):
+    def __init__(self, high_dim: int, low_dim: int, n_embed: int, depth: int = 2):
         super().__init__()
-        self.high_up_proj = nn.Linear(input_dim, n_embed // 2)
-        self.low_up_proj = nn.Linear(input_dim, n_embed // 2)
+        self.high_up_proj = nn.Linear(high_dim, n_embed // 2)
+        self.low_up_proj = nn.Linear(low_dim, n_embed // 2)
         self.layers = nn.Sequential(*gelu_mlp(n_embed, n_embed, n_embed, depth)[1:])
 
     def forward(self, features: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,93 @@
+"""DeepSeek-VL (v1) against transformers' ports on tiny random configs (issue point 1).
+
+The checkpoints are written by transformers' own `save_pretrained` and loaded through `vl.load`; both
+sides see the same pixels: our [0, 1] tensor, normalised (and for the hybrid's low branch, resized)
+for transformers exactly as our towers do internally.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (
+    DeepseekVLConfig,
+    DeepseekVLForConditionalGeneration,
+    DeepseekVLHybridConfig,
+    DeepseekVLHybridForConditionalGeneration,
+    DeepseekVLHybridImageProcessor,
+)
+
+import vl
+
+SIGLIP = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=2, image_size=64, patch_size=16, hidden_act="gelu")  # fmt: skip
+SAM = dict(model_type="sam_vision_model", hidden_size=32, output_channels=16, num_hidden_layers=4,
+           num_attention_heads=2, image_size=160, patch_size=16, global_attn_indexes=[1, 3], window_size=4,
+           mlp_dim=64)  # fmt: skip
+LOW_MEAN, LOW_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+HIGH_MEAN, HIGH_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _normalize(x, mean, std):
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def _save(vlh, tmp_path, hybrid: bool, tie: bool):
+    tokenizer = vlh.make_tokenizer(tmp_path, vlh.VL1_SPECIALS)
+    image_id = tokenizer.convert_tokens_to_ids("<image_placeholder>")
+    text = vlh.llama_text_config(vlh.padded_vocab(tokenizer))
+    if hybrid:
+        cfg = DeepseekVLHybridConfig(text_config=text, vision_config=SIGLIP, high_res_vision_config=SAM,
+                                     image_token_id=image_id, tie_word_embeddings=tie)  # fmt: skip
+        ref = DeepseekVLHybridForConditionalGeneration(cfg)
+        DeepseekVLHybridImageProcessor(
+            size={"height": 64, "width": 64}, high_res_size={"height": 160, "width": 160},
+            image_mean=LOW_MEAN, image_std=LOW_STD, high_res_image_mean=HIGH_MEAN, high_res_image_std=HIGH_STD,
+        ).save_pretrained(str(tmp_path))  # fmt: skip
+    else:
+        cfg = DeepseekVLConfig(text_config=text, vision_config={**SIGLIP, "hidden_act": "gelu_pytorch_tanh"},
+                               image_token_id=image_id, tie_word_embeddings=tie)  # fmt: skip
+        ref = DeepseekVLForConditionalGeneration(cfg)
+    vlh.randomize(ref, seed=1)
+    if hybrid:
+        with torch.no_grad():
+            ref.model.high_res_vision_alpha.fill_(0.5)  # exercise the neck_hd branch
+    ref.save_pretrained(str(tmp_path))
+    return ref.eval()
+
+
+def _reference_logits(ref, batch, hybrid: bool):
+    x = batch.pixel_values[:, 0]
+    if hybrid:
+        low = F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True)
+        kwargs = dict(pixel_values=_normalize(low, LOW_MEAN, LOW_STD), high_res_pixel_values=_normalize(x, HIGH_MEAN, HIGH_STD))
+    else:
+        kwargs = dict(pixel_values=_normalize(x, LOW_MEAN, LOW_STD))
+    with torch.no_grad():
+        return ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs).logits
+
+
+@pytest.mark.parametrize("hybrid,tie", [(True, True), (True, False), (False, True)])
+def test_logits_match_transformers(vlh, tmp_path, hybrid, tie):
+    ref = _save(vlh, tmp_path, hybrid, tie)
+    model, processor = vl.load(tmp_path)
+    assert isinstance(model, vl.DeepseekVL) and (model.cfg.high is not None) == hybrid
+    assert processor.num_image_tokens == 16
+    conv = [{"role": "user", "content": "<image_placeholder>Describe the image."}]
+    batch = processor(conv, [vlh.noise_image(120, 90, seed=3)])
+    assert batch.pixel_values.shape == (1, 1, 3, processor.image_processor.image_size, processor.image_processor.image_size)
+    assert int(batch.images_seq_mask.sum()) == 16
+    with torch.no_grad():
+        ours = model(batch).logits
+    theirs = _reference_logits(ref, batch, hybrid)
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() < 1e-4
+    # The image actually matters: other pixels give other logits.
+    other = processor(conv, [vlh.noise_image(120, 90, seed=4)])
+    with torch.no_grad():
+        assert (model(other).logits - ours).abs().max() > 1e-3
+
+
+def test_hd_alpha_is_loaded_not_hardcoded(vlh, tmp_path):
+    _save(vlh, tmp_path, hybrid=True, tie=True)
+    model, _ = vl.load(tmp_path)
+    assert model.vision_model.vision_tower_high.vision_tower.hd_alpha_downsamples.item() == 0.5
