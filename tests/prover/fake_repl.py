@@ -14,6 +14,7 @@ Never shipped: the product does not import this file.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -157,6 +158,10 @@ class Sim:
             decls[name] = self.axioms_of(m.group(1), name, segment, decls, text)
             if hidden:
                 decls[name].append("sorryAx")
+        if env is not None and starts and self.args.reject_fraction:
+            digest = int(hashlib.sha256(raw.encode()).hexdigest()[:8], 16)
+            if digest % 1000 < 1000 * self.args.reject_fraction:  # deterministic per proof text
+                messages.append(self.msg("error", code, starts[0].start(), 1, "linarith failed"))
         for m in re.finditer(r"^#print\s+axioms\s+(\S+)", code, re.M):
             target = m.group(1)
             if target not in decls:
@@ -238,6 +243,8 @@ def main() -> int:
     ap.add_argument("--replay", type=Path)
     ap.add_argument("--header-delay", type=float, default=0.0)
     ap.add_argument("--body-delay", type=float, default=0.0)
+    ap.add_argument("--reject-fraction", type=float, default=0.0,
+                    help="fail this share of proofs, chosen by a hash of the text")
     ap.add_argument("--sorry-spelling", choices=["quote", "backtick"], default="quote")
     ap.add_argument("--child-pid-file", type=Path, help="spawn a sleeping child (like `lake env` does)")
     args = ap.parse_args()

@@ -1,0 +1,139 @@
+"""Resumable batch proving: every (problem, sample) is attempted once, logged once, summarised by category."""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .attempts import AttemptLog
+from .checker import Checker
+from .dataset import Problem
+from .generators import GenerationError, Generator
+from .passk import summarize
+from .report import write_report
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What makes two runs the same run; a resume with a different spec is refused."""
+
+    variant: str
+    split: str
+    statement_digest: str
+    generator: str
+    samples: int
+    problems: tuple[str, ...]
+    backend: dict
+    timeout: float
+
+    def to_json(self) -> dict:
+        d = dict(self.__dict__)
+        d["problems"] = list(self.problems)
+        return d
+
+
+def _check_manifest(out: Path, spec: RunSpec) -> None:
+    path = out / "manifest.json"
+    want = spec.to_json()
+    if path.exists():
+        have = json.loads(path.read_text())
+        keys = ("variant", "split", "statement_digest", "generator", "problems")
+        diff = [k for k in keys if have.get(k) != want[k]]
+        if diff:
+            raise ValueError(f"{out} holds a different run (differs in {diff}); use another --out")
+        if have.get("samples", 0) < spec.samples:  # asking for more samples extends the run
+            path.write_text(json.dumps(want, indent=1, ensure_ascii=False))
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(want, indent=1, ensure_ascii=False))
+
+
+def _attempt(problem: Problem, sample: int, generator: Generator, checker: Checker) -> dict:
+    candidate = generator.generate(problem, sample)
+    checked = checker.check(problem, candidate)
+    v = checked.verdict
+    return {
+        "problem": problem.name,
+        "sample": sample,
+        "category": problem.category,
+        "generator": generator.name,
+        "status": v.status.value,
+        "reason": v.reason,
+        "time_s": round(v.time_s, 4),
+        "code_sha256": hashlib.sha256(checked.code.encode()).hexdigest(),
+        "code": checked.code or candidate.text,
+        "axioms": v.axioms,
+        "errors": [m.to_json() for m in v.errors][:5],
+    }
+
+
+def run_batch(problems: list[Problem], generator: Generator, checker: Checker, spec: RunSpec, out: Path,
+              workers: int) -> dict:
+    """Attempt every missing (problem, sample), appending each result as it lands; returns the summary."""
+    _check_manifest(out, spec)
+    log = AttemptLog(out / "attempts.jsonl")
+    done = log.load()
+    todo = [(p, s) for s in range(spec.samples) for p in problems if (p.name, s) not in done]
+    failed: list[str] = []
+    bar = tqdm(total=len(todo), desc="proving", unit="attempt", initial=0, file=sys.stderr)
+    pending: dict[Future, tuple[Problem, int]] = {}
+    queue = iter(todo)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        try:
+            while True:
+                while len(pending) < 2 * workers and (unit := next(queue, None)) is not None:
+                    pending[pool.submit(_attempt, unit[0], unit[1], generator, checker)] = unit
+                if not pending:
+                    break
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    problem, sample = pending.pop(fut)
+                    try:
+                        record = fut.result()
+                    except GenerationError as e:  # not an attempt: left undone, a rerun retries it
+                        failed.append(f"{problem.name}#{sample}: {e}")
+                        continue
+                    log.append(record)
+                    done[(problem.name, sample)] = record
+                    bar.update(1)
+                    bar.set_postfix(solved=len({k[0] for k, r in done.items() if r["status"] == "complete"}))
+        except KeyboardInterrupt:
+            for fut in pending:
+                fut.cancel()
+            bar.close()
+            print(f"\ninterrupted; {len(done)} attempts are saved in {log.path}. "
+                  "Rerun the same command to resume.", file=sys.stderr)
+            raise
+    bar.close()
+    if failed:
+        print(f"{len(failed)} generations failed and were not attempted (rerun to retry):\n  "
+              + "\n  ".join(failed[:10]), file=sys.stderr)
+    return finish(out, problems, done, spec.samples)
+
+
+def finish(out: Path, problems: list[Problem], done: dict[tuple[str, int], dict], samples: int) -> dict:
+    outcomes: dict[str, dict[int, bool]] = {p.name: {} for p in problems}
+    for (name, sample), rec in done.items():
+        if name in outcomes and sample < samples:
+            outcomes[name][sample] = rec["status"] == "complete"
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if k <= samples]
+    if samples not in ks:
+        ks.append(samples)
+    table = summarize(outcomes, {p.name: p.category for p in problems}, ks)
+    summary = {"samples": samples, "ks": ks, "table": table,
+               "complete_runs": sum(len(o) == samples for o in outcomes.values()),
+               "statuses": _count(r["status"] for r in done.values())}
+    write_report(out, summary)
+    return summary
+
+
+def _count(items) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return dict(sorted(counts.items()))
