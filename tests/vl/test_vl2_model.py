@@ -1,0 +1,144 @@
+"""DeepSeek-VL2 on the shared core: loading, embedding layout, batching, chunked prefill, text path."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vl
+from vl.modeling_vl2 import tile_layout
+
+USER_IMAGE = [{"role": "user", "content": "<image>\nDescribe the image."}]
+
+
+@pytest.fixture(scope="module")
+def loaded(vl2_checkpoint):
+    return vl.load(vl2_checkpoint)
+
+
+def test_original_layout_loads_every_tensor(vl2_checkpoint, loaded):
+    model, processor = loaded
+    stored = load_file(str(vl2_checkpoint / "model.safetensors"))
+    state = model.state_dict()
+    assert set(stored) == set(state)
+    assert all(torch.equal(stored[k], state[k]) for k in stored)
+    assert processor.image_processor.candidate_resolutions[3] == (112, 112)
+    assert model.lm.config.use_mla is False and model.lm.config.n_routed_experts == 8
+
+
+def test_mismatched_checkpoint_is_one_clear_error(vlh, tmp_path):
+    path = vlh.write_vl2_checkpoint(tmp_path)
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors.pop("image_newline")
+    tensors["projector.layers.0.weight"] = tensors["projector.layers.0.weight"][:, :-1].contiguous()
+    tensors["vision.extra"] = torch.zeros(1)
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(vl.loading.CheckpointMismatchError) as err:
+        vl.load(path)
+    message = str(err.value)
+    assert "missing: image_newline" in message and "unexpected: vision.extra" in message
+    assert "projector.layers.0.weight" in message and "mis-shaped" in message
+
+
+def test_image_embeddings_land_in_layout_order(vlh, loaded):
+    model, processor = loaded
+    batch = processor(USER_IMAGE, [vlh.noise_image(100, 60)])
+    with torch.no_grad():
+        embeds = model.prepare_inputs_embeds(batch)
+        views = model.encode_views(batch.pixel_values[0, :5])
+        expected = tile_layout(views[0], views[1:5], (2, 2), model.image_newline, model.view_seperator)
+    positions = batch.images_seq_mask[0].nonzero().squeeze(1)
+    assert torch.equal(embeds[0, positions], expected)
+    assert torch.equal(embeds[0, positions[2]], model.image_newline.detach())  # row of 2 tokens, then newline
+    assert torch.equal(embeds[0, positions[6]], model.view_seperator.detach())  # after 2 x (2 + 1) global slots
+    text = ~batch.images_seq_mask[0]
+    assert torch.equal(embeds[0, text], model.lm.get_input_embeddings()(batch.input_ids[0, text]).detach())
+
+
+def test_batched_left_padding_equals_per_sample(vlh, loaded):
+    model, processor = loaded
+    convs = [USER_IMAGE, [{"role": "user", "content": "hi"}],
+             [{"role": "user", "content": "<image> vs <image>: which is brighter, and why?"}]]  # fmt: skip
+    images = [[vlh.noise_image(100, 60)], [], [vlh.noise_image(60, 100, 1), vlh.noise_image(56, 56, 2)]]
+    batch = processor(convs, images)
+    with torch.no_grad():
+        logits = model(batch).logits
+        for i, (c, imgs) in enumerate(zip(convs, images)):
+            single = model(processor(c, imgs)).logits[0]
+            real = batch.attention_mask[i].bool()
+            assert (logits[i, real] - single).abs().max() < 1e-4, i
+        new = model.generate(batch, max_new_tokens=4)
+        for i, (c, imgs) in enumerate(zip(convs, images)):
+            assert torch.equal(new[i], model.generate(processor(c, imgs), max_new_tokens=4)[0])
+
+
+def test_chunked_prefill_gives_the_same_tokens(vlh, loaded):
+    model, processor = loaded
+    batch = processor(USER_IMAGE, [vlh.noise_image(100, 60)])
+    assert batch.input_ids.shape[1] > 20
+    with torch.no_grad():
+        one_shot = model.generate(batch, max_new_tokens=5)
+        for chunk in (4, 7, 16):
+            assert torch.equal(model.generate(batch, max_new_tokens=5, prefill_chunk_size=chunk), one_shot)
+
+
+def test_text_only_request_takes_the_pure_text_path(loaded):
+    model, processor = loaded
+    batch = processor([{"role": "user", "content": "Tell me a story."}])
+    calls = []
+    handle = model.vision.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            logits = model(batch).logits
+            text_logits = model.lm(input_ids=batch.input_ids).logits
+    finally:
+        handle.remove()
+    assert calls == []
+    assert torch.equal(logits, text_logits)
+
+
+LM_VARIANTS = {
+    "small": dict(use_mla=True, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                  v_head_dim=8, topk_method="greedy", scoring_func="softmax"),
+    "base": dict(use_mla=True, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                 v_head_dim=8, topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True,
+                 routed_scaling_factor=2.0),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", sorted(LM_VARIANTS))
+def test_small_and_base_language_models_load_and_run(vlh, tmp_path, variant):
+    path = vlh.write_vl2_checkpoint(tmp_path, seed=5, language_overrides=LM_VARIANTS[variant])
+    model, processor = vl.load(path)
+    cfg = model.lm.config
+    assert cfg.use_mla and cfg.scoring_func == LM_VARIANTS[variant]["scoring_func"]
+    if variant == "base":
+        assert cfg.topk_method == "noaux_tc" and cfg.routed_scaling_factor == 2.0 and cfg.norm_topk_prob
+        stored = load_file(str(path / "model.safetensors"))
+        key = "language.model.layers.1.mlp.gate.e_score_correction_bias"
+        assert key in stored
+    batch = processor(USER_IMAGE, [vlh.noise_image(100, 60)])
+    with torch.no_grad():
+        logits = model(batch).logits
+        chunked = model.generate(batch, max_new_tokens=3, prefill_chunk_size=5)
+        assert torch.equal(chunked, model.generate(batch, max_new_tokens=3))
+    assert torch.isfinite(logits).all()
+
+
+def test_tail_global_view(vlh, tmp_path):
+    model, processor = vl.load(vlh.write_vl2_checkpoint(tmp_path, global_view_pos="tail"))
+    batch = processor(USER_IMAGE, [vlh.noise_image(100, 60)])
+    with torch.no_grad():
+        embeds = model.prepare_inputs_embeds(batch)
+    positions = batch.images_seq_mask[0].nonzero().squeeze(1)
+    local_len = 4 * 5  # (2 * nh) rows of (2 * nw + 1)
+    assert torch.equal(embeds[0, positions[local_len]], model.view_seperator.detach())
+
+
+def test_bf16_runs(vlh, vl2_checkpoint):
+    model, processor = vl.load(vl2_checkpoint, dtype=torch.bfloat16)
+    batch = processor(USER_IMAGE, [vlh.noise_image(100, 60)]).to(dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = model(batch).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
