@@ -80,7 +80,7 @@ def run_batch(problems: list[Problem], generator: Generator, checker: Checker, s
     done = log.load()
     todo = [(p, s) for s in range(spec.samples) for p in problems if (p.name, s) not in done]
     failed: list[str] = []
-    bar = tqdm(total=len(todo), desc="proving", unit="attempt", initial=0, file=sys.stderr)
+    bar = tqdm(total=len(todo), desc="proving", unit="attempt", file=sys.stderr, mininterval=1.0)
     pending: dict[Future, tuple[Problem, int]] = {}
     queue = iter(todo)
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -137,6 +137,8 @@ class Sim:
             messages.append(self.msg("error", text, m.start(), 1, m.group(1)))
         # tactic macros whose expansion is `sorry`: using one is a sorry Lean reports late
         tainted = [m.group(1) for m in re.finditer(r'^macro\s+"(\w+)"[^\n]*=>[^\n]*sorry', text, re.M)]
+        for m in re.finditer(WORD.format("FAKE_UNKNOWN"), code):
+            messages.append(self.msg("error", code, m.start(), 12, "unknown identifier 'FAKE_UNKNOWN'"))
         starts = [m for m in DECL_RE.finditer(code)]
         for idx, m in enumerate(starts):
             end = starts[idx + 1].start() if idx + 1 < len(starts) else len(code)
