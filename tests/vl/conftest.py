@@ -97,8 +97,11 @@ def vl2_vision_config() -> dict:
 
 
 def write_vl2_checkpoint(out_dir: Path, seed: int = 0, language_overrides: dict | None = None,
-                         global_view_pos: str = "head") -> Path:  # fmt: skip
+                         global_view_pos: str = "head", vision: dict | None = None,
+                         candidates: list | None = None) -> Path:  # fmt: skip
     """An original-layout DeepSeek-VL2 folder (config.json, processor_config.json, tokenizer, weights)."""
+    vision = vision or vl2_vision_config()
+    candidates = candidates or VL2_CANDIDATES
     from vl.modeling_vl2 import DeepseekVL2
     from vl.loading import vl2_config
 
@@ -109,14 +112,15 @@ def write_vl2_checkpoint(out_dir: Path, seed: int = 0, language_overrides: dict 
         "model_type": "deepseek_vl_v2",
         "tile_tag": "2D",
         "global_view_pos": global_view_pos,
-        "candidate_resolutions": VL2_CANDIDATES,
-        "vision_config": vl2_vision_config(),
-        "projector_config": {"projector_type": "downsample_mlp_gelu", "input_dim": 32, "n_embed": 64, "depth": 2,
-                             "mlp_ratio": 1, "downsample_ratio": 2},  # fmt: skip
+        "candidate_resolutions": candidates,
+        "vision_config": vision,
+        "projector_config": {"projector_type": "downsample_mlp_gelu", "input_dim": vision["width"],
+                             "n_embed": language["hidden_size"], "depth": 2, "mlp_ratio": 1,
+                             "downsample_ratio": 2},  # fmt: skip
         "language_config": language,
     }
     (out_dir / "config.json").write_text(json.dumps(config, indent=1))
-    processor = {"candidate_resolutions": VL2_CANDIDATES, "patch_size": 14, "downsample_ratio": 2,
+    processor = {"candidate_resolutions": candidates, "patch_size": 14, "downsample_ratio": 2,
                  "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "image_token": "<image>", "pad_token": PAD}  # fmt: skip
     (out_dir / "processor_config.json").write_text(json.dumps(processor))
     torch.manual_seed(seed)

@@ -91,3 +91,75 @@ def test_hd_alpha_is_loaded_not_hardcoded(vlh, tmp_path):
     _save(vlh, tmp_path, hybrid=True, tie=True)
     model, _ = vl.load(tmp_path)
     assert model.vision_model.vision_tower_high.vision_tower.hd_alpha_downsamples.item() == 0.5
+
+
+def _original_config(model: vl.DeepseekVL) -> dict:
+    """The original `multi_modality` config.json for a loaded hybrid model (explicit tiny dims)."""
+    cfg = model.cfg
+    low, high = cfg.low, cfg.high
+    low_params = dict(model_name="siglip_large_patch16_384", image_size=low.image_size, patch_size=low.patch_size,
+                      width=low.width, layers=low.layers, heads=low.heads, mlp_dim=low.mlp_dim, select_layer=-1,
+                      pixel_mean=list(cfg.low_mean), pixel_std=list(cfg.low_std))  # fmt: skip
+    high_params = dict(model_name="sam_b_downsample", image_size=high.image_size, width=high.width,
+                       layers=high.layers, heads=high.heads, mlp_dim=high.mlp_dim, window_size=high.window_size,
+                       global_attn_indexes=list(high.global_attn_indexes), neck_channels=high.neck_channels,
+                       downsample_channels=list(high.downsample_channels), neck_resize=high.neck_resize,
+                       pixel_mean=list(cfg.high_mean), pixel_std=list(cfg.high_std))  # fmt: skip
+    return {
+        "model_type": "multi_modality",
+        "vision_config": {"cls": "HybridVisionTower", "params": {"high_res_cfg": high_params, "low_res_cfg": low_params}},
+        "aligner_config": {"cls": "MlpProjector", "params": {"projector_type": "low_high_hybrid_split_mlp_gelu",
+                                                             "depth": 2, "input_dim": 32, "n_embed": 64}},  # fmt: skip
+        "language_config": {**cfg.language, "tie_word_embeddings": False},
+    }
+
+
+def test_original_layout_round_trip(vlh, tmp_path):
+    """HF layout -> our model -> original DeepSeek-VL layout on disk -> `vl.load` -> same logits."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    hf_dir, orig_dir = tmp_path / "hf", tmp_path / "orig"
+    hf_dir.mkdir()
+    _save(vlh, hf_dir, hybrid=True, tie=False)
+    model, processor = vl.load(hf_dir)
+    orig_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(hf_dir / name, orig_dir / name)
+    (orig_dir / "config.json").write_text(json.dumps(_original_config(model)))
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    # Shipped checkpoints also hold modules the reference builds but never runs; they must be ignored.
+    low = "vision_model.vision_tower_low.vision_tower."
+    tensors[low + "attn_pool.latent"] = torch.zeros(1, 1, 32)
+    tensors["vision_model.high_layer_norm.weight"] = torch.ones(64)
+    tensors["vision_model.vision_tower_high.vision_tower.hd_alpha_downsamples"] = torch.tensor(0.5)  # 0-d scalar
+    save_file(tensors, str(orig_dir / "model.safetensors"))
+    again, processor2 = vl.load(orig_dir)
+    assert processor2.image_processor.image_size == 160 and processor2.num_image_tokens == 16
+    conv = [{"role": "user", "content": "<image_placeholder>Describe the image."}]
+    batch = processor(conv, [vlh.noise_image(90, 120, seed=7)])
+    with torch.no_grad():
+        assert torch.equal(again(batch).logits, model(batch).logits)
+
+
+def test_vl1_batched_and_chunked(vlh, tmp_path):
+    _save(vlh, tmp_path, hybrid=True, tie=True)
+    model, processor = vl.load(tmp_path)
+    convs = [[{"role": "user", "content": "<image_placeholder>Describe the image."}],
+             [{"role": "user", "content": "What colour is the car?"}],
+             [{"role": "user", "content": "<image_placeholder> and <image_placeholder>: same?"}]]  # fmt: skip
+    images = [[vlh.noise_image(90, 120)], [], [vlh.noise_image(50, 50, 1), vlh.noise_image(70, 20, 2)]]
+    batch = processor(convs, images)
+    assert batch.images_emb_mask.shape == (3, 2, 16) and batch.images_emb_mask.sum() == 48
+    with torch.no_grad():
+        logits = model(batch).logits
+        new = model.generate(batch, max_new_tokens=4)
+        for i, (c, imgs) in enumerate(zip(convs, images)):
+            single = processor(c, imgs)
+            real = batch.attention_mask[i].bool()
+            assert (logits[i, real] - model(single).logits[0]).abs().max() < 1e-4
+            assert torch.equal(new[i], model.generate(single, max_new_tokens=4)[0])
+            chunked = model.generate(single, max_new_tokens=4, prefill_chunk_size=5)
+            assert torch.equal(chunked, model.generate(single, max_new_tokens=4))
