@@ -103,6 +103,31 @@ def cmd_verify(args) -> int:
     return 0 if verdict.complete else 1
 
 
+def cmd_decompose(args) -> int:
+    from .decompose import DecomposeConfig, DecompositionError, Ledger, prove_by_decomposition
+    from .generators import PortfolioGenerator
+
+    problem = {p.name: p for p in load_minif2f(args.variant)}.get(args.problem)
+    if problem is None:
+        raise ValueError(f"no problem named {args.problem!r} in variant {args.variant}")
+    checker, _ = _checker(args)
+    ledger = Ledger()
+    config = DecomposeConfig(recursive=not args.substitute_only, strategy=args.strategy,
+                             attempts_per_lemma=args.attempts, max_depth=0)
+    try:
+        code = prove_by_decomposition(problem, args.sketch.read_text(encoding="utf-8"), checker,
+                                      PortfolioGenerator(), config, ledger)
+    except DecompositionError as e:
+        raise ValueError(f"cannot decompose {args.sketch}: {e}") from e
+    finally:
+        checker.backend.close()
+    print(json.dumps({"solved": code is not None, "ledger": ledger.entries,
+                      "generator_calls": ledger.generator_calls}, indent=1, ensure_ascii=False))
+    if code is not None and args.out:
+        args.out.write_text(code, encoding="utf-8")
+    return 0 if code is not None else 1
+
+
 def cmd_summary(args) -> int:
     from .attempts import AttemptLog
     from .batch import finish
@@ -149,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--allow-unaudited", action="store_true")
     _add_backend_args(v)
     v.set_defaults(func=cmd_verify)
+
+    d = sub.add_parser("decompose", help="solve a V2-style sketch's subgoals with the tactic portfolio")
+    d.add_argument("sketch", type=Path, help="Lean file: the theorem with `have ... := by sorry` steps")
+    d.add_argument("--problem", required=True, help="miniF2F name the sketch proves (pins the statement)")
+    d.add_argument("--variant", choices=sorted(VARIANT_FILES), default="deepseek_v15")
+    d.add_argument("--strategy", choices=["inline", "aux"], default="inline")
+    d.add_argument("--substitute-only", action="store_true",
+                   help="lemma binders = theorem binders only (V2 variant a); default adds earlier haves")
+    d.add_argument("--attempts", type=int, default=15, help="portfolio attempts per subgoal")
+    d.add_argument("--out", type=Path, help="write the stitched, verified proof here")
+    d.add_argument("--allow-unaudited", action="store_true")
+    _add_backend_args(d)
+    d.set_defaults(func=cmd_decompose)
 
     s = sub.add_parser("summary", help="recompute summary and plot of a run directory")
     s.add_argument("run", type=Path)
