@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 FP8_BLOCK = 128
@@ -176,3 +177,49 @@ def load_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, target in expected.items():
             target.copy_(tensors[name])
+
+
+def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors under the key layout of released checkpoints (per-expert, MTP at model.layers.{L+k})."""
+    config = model.config
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if config.tie_word_embeddings and key == "lm_head.weight":
+            continue
+        if key.startswith("mtp_layers."):
+            index, rest = key.removeprefix("mtp_layers.").split(".", 1)
+            key = f"model.layers.{config.num_hidden_layers + int(index)}.{rest}"
+        if key.endswith("mlp.experts.gate_up_proj"):
+            prefix = key.removesuffix(".gate_up_proj")
+            for expert, fused in enumerate(value):
+                gate, up = fused.chunk(2)
+                out[f"{prefix}.{expert}.gate_proj.weight"] = gate.contiguous()
+                out[f"{prefix}.{expert}.up_proj.weight"] = up.contiguous()
+        elif key.endswith("mlp.experts.down_proj"):
+            prefix = key.removesuffix(".down_proj")
+            for expert, down in enumerate(value):
+                out[f"{prefix}.{expert}.down_proj.weight"] = down.contiguous()
+        else:
+            out[key] = value.contiguous()
+    for k in range(len(model.mtp_layers)):
+        out[f"model.layers.{config.num_hidden_layers + k}.embed_tokens.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+def save_pretrained(model: nn.Module, path: str | Path) -> Path:
+    """Write config.json + model.safetensors that transformers and `from_pretrained` both load."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = hf_state_dict(model)
+    # Shared storage (tied embeddings, MTP embedding copy) must be written as separate tensors.
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        if value.data_ptr() in seen:
+            tensors[key] = value.clone()
+        seen.add(tensors[key].data_ptr())
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_hf_dict()
+    config["dtype"] = str(model.dtype).removeprefix("torch.")
+    config["num_nextn_predict_layers"] = len(model.mtp_layers)
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path

@@ -107,6 +107,19 @@ class MoEConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A config.json that transformers' config class for this model_type reads back to the same model."""
+        values = {k: v for k, v in asdict(self).items() if k != "torch_dtype"}
+        if not self.use_mla:
+            for key in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                values.pop(key)
+            values["head_dim"] = self.mha_head_dim
+        if not self.n_routed_experts:
+            moe_keys = [f.name for f in fields(self) if f.name.startswith(("n_", "topk", "moe_", "routed", "norm_topk"))]
+            for key in moe_keys + ["num_experts_per_tok", "first_k_dense_replace", "scoring_func"]:
+                values.pop(key, None)
+        return values
+
     # ---- construction from Hugging Face configs --------------------------------------------
     @classmethod
     def from_hf(cls, cfg: dict[str, Any] | str | Path) -> "MoEConfig":

@@ -14,7 +14,7 @@ from torch import nn
 
 from .attention import MultiHeadAttention, MultiHeadLatentAttention, attention_bias
 from .cache import Cache
-from .checkpoint import load_into
+from .checkpoint import load_into, save_pretrained
 from .config import MoEConfig
 from .generation import generate, stream
 from .moe import MLP, MoE
@@ -191,6 +191,10 @@ class MoEForCausalLM(nn.Module):
         """Aux-loss-free load balancing step for every MoE layer; call after each optimizer step."""
         for moe in self.moe_layers():
             moe.update_expert_bias(rate)
+
+    def save_pretrained(self, path) -> None:
+        """Write a Hugging Face checkpoint folder (config.json + model.safetensors, per-expert keys)."""
+        save_pretrained(self, path)
 
     def load_hf_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Load Hugging Face-named tensors (per-expert or fused experts, FP8 blocks, MTP layers)."""

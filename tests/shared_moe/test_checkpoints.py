@@ -144,3 +144,22 @@ def test_mtp_layer_loads_and_is_skipped_on_request(tiny_checkpoint, add_mtp_laye
     model = shared_moe.from_pretrained(folder)
     assert len(model.mtp_layers) == 1
     assert len(shared_moe.from_pretrained(folder, load_mtp=False).mtp_layers) == 0
+
+
+@pytest.mark.parametrize("kind", ["v3", "v2", "llama"])
+def test_save_pretrained_round_trips_and_transformers_loads_it(tiny_checkpoint, add_mtp_layer, tmp_path, kind):
+    from transformers import AutoModelForCausalLM
+
+    _, folder = tiny_checkpoint(kind, **({"num_nextn_predict_layers": 1} if kind == "v3" else {}))
+    if kind == "v3":
+        add_mtp_layer(folder)
+    model = shared_moe.from_pretrained(folder)
+    model.save_pretrained(tmp_path / "saved")
+    again = shared_moe.from_pretrained(tmp_path / "saved")
+    assert len(again.mtp_layers) == len(model.mtp_layers)
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    ids = torch.randint(2, 96, (1, 9))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids).logits).abs().max() < 1e-5

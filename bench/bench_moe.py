@@ -1,0 +1,111 @@
+"""MoE layer forward and forward+backward: shared_moe vs transformers' DeepseekV3MoE on the same weights.
+
+Shape from the issue: hidden 512, 64 routed experts, top-6, expert width 256, 2048 tokens (plus one
+shared expert and the V3 sigmoid router). transformers runs its `eager` (per-expert loop) and
+`grouped_mm` experts implementations. Also reports forward GFLOP/s next to one torch.matmul of the
+same FLOPs, which is what this machine's GEMMs can do.
+
+    python bench/bench_moe.py [--tokens 2048] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+from transformers import DeepseekV3Config
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_seconds, print_table  # noqa: E402
+
+from shared_moe import MoEConfig  # noqa: E402
+from shared_moe.moe import MoE  # noqa: E402
+
+HIDDEN, EXPERTS, TOP_K, WIDTH, SHARED = 512, 64, 6, 256, 1
+
+
+def build(dtype: torch.dtype) -> tuple[dict[str, torch.nn.Module], torch.nn.Module]:
+    hf_config = DeepseekV3Config(
+        hidden_size=HIDDEN, n_routed_experts=EXPERTS, num_experts_per_tok=TOP_K, moe_intermediate_size=WIDTH,
+        n_shared_experts=SHARED, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+    )
+    torch.manual_seed(0)
+    reference = DeepseekV3MoE(hf_config)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0, 0.05)
+        reference.gate.e_score_correction_bias.normal_(0, 0.1)
+    hf = {}
+    for impl in ("eager", "grouped_mm"):
+        cfg = copy.deepcopy(hf_config)
+        cfg._experts_implementation = impl
+        module = DeepseekV3MoE(cfg)
+        module.load_state_dict(reference.state_dict())
+        hf[impl] = module.to(dtype)
+        hf[impl].gate.e_score_correction_bias.data = reference.gate.e_score_correction_bias.data.float()
+    ours = MoE(MoEConfig.from_hf(hf_config.to_dict()))
+    ours.load_state_dict(reference.state_dict())
+    return hf, ours.to(dtype)
+
+
+def moe_flops(tokens: int) -> float:
+    routed = tokens * TOP_K * (2 * HIDDEN * 2 * WIDTH + 2 * WIDTH * HIDDEN)
+    shared = tokens * (2 * HIDDEN * 2 * WIDTH * SHARED + 2 * WIDTH * SHARED * HIDDEN)
+    return routed + shared + tokens * 2 * HIDDEN * EXPERTS
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; MoE hidden {HIDDEN}, {EXPERTS} experts, "
+          f"top-{TOP_K}, width {WIDTH}, {args.tokens} tokens")
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        hf, ours = build(dtype)
+        x = torch.randn(1, args.tokens, HIDDEN, generator=torch.Generator().manual_seed(1)).to(dtype)
+        upstream = torch.randn_like(x)
+        with torch.no_grad():
+            error = (ours(x).float() - hf["eager"](x).float()).abs().max().item()
+        modules = {"transformers eager": hf["eager"], "transformers grouped_mm": hf["grouped_mm"], "shared_moe": ours}
+        forward, train = {}, {}
+        for name, module in modules.items():
+            def fwd(module=module):
+                with torch.no_grad():
+                    module(x)
+
+            def fwd_bwd(module=module):
+                module.zero_grad(set_to_none=True)
+                xg = x.detach().requires_grad_()
+                (module(xg) * upstream).sum().backward()
+
+            forward[name] = median_seconds(fwd, args.repeats)
+            train[name] = median_seconds(fwd_bwd, max(3, args.repeats // 2), warmup=1)
+        flops = moe_flops(args.tokens)
+        a = torch.randn(args.tokens, HIDDEN, dtype=dtype)
+        b = torch.randn(HIDDEN, int(flops / (2 * args.tokens * HIDDEN)), dtype=dtype)
+        matmul = median_seconds(lambda: torch.matmul(a, b), args.repeats)
+        label = str(dtype).removeprefix("torch.")
+        for name in modules:
+            rows.append([
+                label, name, f"{forward[name] * 1e3:.1f}", f"{train[name] * 1e3:.1f}",
+                f"{train['transformers eager'] / train[name]:.2f}x",
+                f"{train['transformers grouped_mm'] / train[name]:.2f}x",
+                f"{flops / forward[name] / 1e9:.0f}",
+            ])
+        rows.append([label, "torch.matmul, same FLOPs", f"{matmul * 1e3:.1f}", "-", "-", "-", f"{flops / matmul / 1e9:.0f}"])
+        print(f"{label}: max |shared_moe - transformers| forward = {error:.2e}")
+    print_table(
+        "MoE layer (median ms; speed-ups are fwd+bwd vs each transformers implementation)",
+        ["dtype", "implementation", "fwd ms", "fwd+bwd ms", "vs eager", "vs grouped_mm", "fwd GFLOP/s"],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
