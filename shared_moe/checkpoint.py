@@ -151,8 +151,9 @@ def load_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     tensors = dequantize_all(strip_language_prefix(tensors), dtype if dtype.is_floating_point else torch.bfloat16)
     tensors = fuse_experts(tensors)
     tensors = rename_mtp_layers(tensors, config.num_hidden_layers, keep=len(model.mtp_layers) > 0)
-    if config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
+        # One shared parameter answers to both names; the embedding is the source of truth.
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
     for k, layer in enumerate(model.mtp_layers):
         # V3 stores a copy of lm_head as the MTP head; fall back to sharing it when absent.
         head = f"mtp_layers.{k}.shared_head.head.weight"

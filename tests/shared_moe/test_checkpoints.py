@@ -163,3 +163,12 @@ def test_save_pretrained_round_trips_and_transformers_loads_it(tiny_checkpoint, 
     ids = torch.randint(2, 96, (1, 9))
     with torch.no_grad():
         assert (hf(ids).logits - model(ids).logits).abs().max() < 1e-5
+
+
+def test_tied_embeddings_load_and_stay_tied(tiny_checkpoint):
+    hf, folder = tiny_checkpoint("llama", tie_word_embeddings=True)
+    model = shared_moe.from_pretrained(folder)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(2, 96, (1, 6))
+    with torch.no_grad():
+        assert (model(ids).logits - hf(ids).logits).abs().max() < 1e-5
