@@ -15,6 +15,7 @@ CASES = {
     "v3-fused-no-norm": ("v3", False, {"norm_topk_prob": False}),
     "v3-qlora-yarn": ("v3", True, {"q_lora_rank": 24, "yarn": True}),
     "v3-one-group": ("v3", False, {"n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.0}),
+    "v3-rotate-half-rope": ("v3", True, {"rope_interleave": False}),
     "v2-greedy": ("v2", True, {}),
     "v2-group-limited-yarn": ("v2", False, {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
                                             "routed_scaling_factor": 16.0, "yarn": True, "q_lora_rank": None}),
