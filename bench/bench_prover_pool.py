@@ -56,7 +56,8 @@ def main() -> None:
     ap.add_argument("--body-delay", type=float, default=0.05)
     args = ap.parse_args()
     print(f"fake REPL: header {args.header_delay:g} s, body {args.body_delay * 1000:g} ms, "
-          f"{args.workers} workers (every proof also runs its #print axioms audit)\n")
+          f"{args.workers} workers (every proof also runs its #print axioms audit, which the fake answers "
+          "without delay)\n")
     print("| proofs | fresh process per proof (s) | pool (s) | fresh proofs/s | pool proofs/s | speed-up |")
     print("|---:|---:|---:|---:|---:|---:|")
     for n in args.proofs:
