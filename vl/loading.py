@@ -321,6 +321,11 @@ def load(
             background=tuple(preprocessor.get("background_color") or background_color(mean)),
         )
         processor = VLChatProcessor(tokenizer, image_processor, vcfg.num_image_tokens, **opts)
+        if processor.image_token_id != vcfg.image_token_id:
+            raise ValueError(
+                f"config image_token_id {vcfg.image_token_id} is not the tokenizer's <image_placeholder> "
+                f"id {processor.image_token_id}"
+            )
     elif kind == "deepseek_vl_v2":
         image_tag = preprocessor.get("image_token", VL2ChatProcessor.image_tag)
         if image_tag != VL2ChatProcessor.image_tag:
