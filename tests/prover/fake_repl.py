@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for prover.textguard
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for prover.*
+from prover.repl_protocol import split_frames  # noqa: E402
 from prover.textguard import blank_comments_and_strings  # noqa: E402
 
 DEFAULT_AXIOMS = ["propext", "Classical.choice", "Quot.sound"]
@@ -60,7 +61,7 @@ def pretty(obj: dict) -> str:
 
 
 def replay(prefix: Path) -> int:
-    requests = [json.loads(f, strict=False) for f in _frames(prefix.with_suffix(".in").read_text("utf-8"))]
+    requests = [json.loads(f, strict=False) for f in split_frames(prefix.with_suffix(".in").read_text("utf-8"))]
     responses = prefix.with_name(prefix.name + ".expected.out").read_text("utf-8").split("\n\n")
     for i, expected in enumerate(requests):
         got = read_request(sys.stdin)
@@ -76,19 +77,6 @@ def replay(prefix: Path) -> int:
             return 2
         write(responses[i])
     return 0
-
-
-def _frames(text: str) -> list[str]:
-    frames, cur = [], []
-    for line in text.splitlines(keepends=True):
-        if line.strip():
-            cur.append(line)
-        elif cur:
-            frames.append("".join(cur))
-            cur = []
-    if cur:
-        frames.append("".join(cur))
-    return frames
 
 
 def line_col(text: str, offset: int) -> dict:
