@@ -57,7 +57,8 @@ def main() -> None:
         # One process per dtype: the allocator state left by one dtype's large temporaries skews the next one's
         # timings by up to 30x on this machine. Each process still times both implementations side by side.
         for name in dtypes:
-            command = [sys.executable, __file__, "--cache", str(args.cache), "--repeats", str(args.repeats), "--dtypes", name]
+            command = [sys.executable, __file__, "--cache", str(args.cache), "--repeats", str(args.repeats),
+                       "--dtypes", name]
             subprocess.run(command, check=True)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; one decode token over {args.cache} cached")

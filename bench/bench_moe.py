@@ -98,7 +98,8 @@ def main() -> None:
                 f"{train['transformers grouped_mm'] / train[name]:.2f}x",
                 f"{flops / forward[name] / 1e9:.0f}",
             ])
-        rows.append([label, "torch.matmul, same FLOPs", f"{matmul * 1e3:.1f}", "-", "-", "-", f"{flops / matmul / 1e9:.0f}"])
+        gflops = f"{flops / matmul / 1e9:.0f}"
+        rows.append([label, "torch.matmul, same FLOPs", f"{matmul * 1e3:.1f}", "-", "-", "-", gflops])
         print(f"{label}: max |shared_moe - transformers| forward = {error:.2e}")
     print_table(
         "MoE layer (median ms; speed-ups are fwd+bwd vs each transformers implementation)",

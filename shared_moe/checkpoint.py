@@ -144,6 +144,24 @@ def rename_mtp_layers(tensors: dict[str, torch.Tensor], num_hidden_layers: int, 
     return out
 
 
+def check_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], title: str) -> None:
+    """Raise one CheckpointMismatchError listing every missing, unexpected and mis-shaped tensor."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    misshaped = sorted(
+        f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(tensors)
+        if tensors[k].shape != expected[k].shape
+    )
+    parts = [
+        f"{len(items)} {label}:\n  " + "\n  ".join(items)
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+        if items
+    ]
+    if parts:
+        raise CheckpointMismatchError(title + "\n" + "\n".join(parts))
+
+
 def load_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Check names and shapes against the model, then copy. One error lists every problem."""
     config = model.config
@@ -154,27 +172,14 @@ def load_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     if config.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
         # One shared parameter answers to both names; the embedding is the source of truth.
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-    for k, layer in enumerate(model.mtp_layers):
+    for k in range(len(model.mtp_layers)):
         # V3 stores a copy of lm_head as the MTP head; fall back to sharing it when absent.
         head = f"mtp_layers.{k}.shared_head.head.weight"
         if head not in tensors and "lm_head.weight" in tensors:
             tensors[head] = tensors["lm_head.weight"]
 
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    misshaped = sorted(
-        f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(tensors)
-        if tensors[k].shape != expected[k].shape
-    )
-    if missing or unexpected or misshaped:
-        parts = []
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if items:
-                parts.append(f"{len(items)} {title}:\n  " + "\n  ".join(items))
-        raise CheckpointMismatchError("checkpoint does not match the model config\n" + "\n".join(parts))
-
+    check_tensors(expected, tensors, "checkpoint does not match the model config")
     with torch.no_grad():
         for name, target in expected.items():
             target.copy_(tensors[name])

@@ -69,7 +69,7 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {self.model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}")
+            raise ValueError(f"model_type {self.model_type!r} is not supported; expected {SUPPORTED_MODEL_TYPES}")
         if self.topk_method not in ROUTER_METHODS:
             raise ValueError(f"topk_method {self.topk_method!r} is not supported; expected one of {ROUTER_METHODS}")
         if self.scoring_func not in ("softmax", "sigmoid"):
@@ -115,7 +115,8 @@ class MoEConfig:
                 values.pop(key)
             values["head_dim"] = self.mha_head_dim
         if not self.n_routed_experts:
-            moe_keys = [f.name for f in fields(self) if f.name.startswith(("n_", "topk", "moe_", "routed", "norm_topk"))]
+            prefixes = ("n_", "topk", "moe_", "routed", "norm_topk")
+            moe_keys = [f.name for f in fields(self) if f.name.startswith(prefixes)]
             for key in moe_keys + ["num_experts_per_tok", "first_k_dense_replace", "scoring_func"]:
                 values.pop(key, None)
         return values

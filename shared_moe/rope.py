@@ -12,7 +12,6 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 
 from .fp32_buffers import Fp32BuffersMixin
 

@@ -59,7 +59,9 @@ def test_padded_bmm_equals_grouped_mm():
     offsets = counts.cumsum(0).to(torch.int32)
     x = torch.randn(9, 16, generator=gen)
     weight = torch.randn(4, 8, 16, generator=gen)
-    assert torch.allclose(grouped_linear(x, weight, counts, offsets), _padded_bmm(x, weight.transpose(1, 2), counts, offsets), atol=1e-6)
+    grouped = grouped_linear(x, weight, counts, offsets)
+    padded = _padded_bmm(x, weight.transpose(1, 2), counts, offsets)
+    assert torch.allclose(grouped, padded, atol=1e-6)
 
 
 def router_reference(router: TopkRouter, x: torch.Tensor):
@@ -77,7 +79,8 @@ def router_reference(router: TopkRouter, x: torch.Tensor):
             group_score = groups.max(-1).values
         if router.method == "greedy":
             group_score = torch.ones(router.n_group, dtype=torch.float64)
-        keep = set(group_score.topk(router.topk_group if router.method != "greedy" else router.n_group).indices.tolist())
+        kept_groups = router.topk_group if router.method != "greedy" else router.n_group
+        keep = set(group_score.topk(kept_groups).indices.tolist())
         allowed = [e for e in range(router.num_experts) if e // per_group in keep]
         chosen.append(sorted(allowed, key=lambda e: -row[e])[: router.top_k])
     return scores, chosen
