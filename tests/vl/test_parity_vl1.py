@@ -163,3 +163,18 @@ def test_vl1_batched_and_chunked(vlh, tmp_path):
             assert torch.equal(new[i], model.generate(single, max_new_tokens=4)[0])
             chunked = model.generate(single, max_new_tokens=4, prefill_chunk_size=5)
             assert torch.equal(chunked, model.generate(single, max_new_tokens=4))
+
+
+def test_sharded_checkpoint_loads(vlh, tmp_path):
+    (tmp_path / "single").mkdir()
+    ref = _save(vlh, tmp_path / "single", hybrid=True, tie=True)
+    sharded = tmp_path / "sharded"
+    ref.save_pretrained(str(sharded), max_shard_size="200KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        (sharded / name).write_bytes((tmp_path / "single" / name).read_bytes())
+    one, processor = vl.load(tmp_path / "single")
+    many, _ = vl.load(sharded)
+    batch = processor([{"role": "user", "content": "<image_placeholder>Hi"}], [vlh.noise_image(40, 40)])
+    with torch.no_grad():
+        assert torch.equal(one(batch).logits, many(batch).logits)
