@@ -132,3 +132,45 @@ def test_tower_normalises_inside():
     x = torch.rand(1, 3, 62, 62)
     with torch.no_grad():
         assert torch.equal(tower(x), siglip((x - 0.5) / 0.5))
+
+
+FULL_SIZE = [  # timm name, our config, input side, expected tokens x width
+    ("vit_large_patch16_siglip_384", dict(image_size=384, patch_size=16, width=1024, layers=24, heads=16, mlp_dim=4096,
+                                          gelu_approximate="none"), "gelu", (576, 1024)),
+    ("vit_so400m_patch14_siglip_384", dict(image_size=384, patch_size=14, width=1152, layers=27, heads=16, mlp_dim=4304,
+                                           gelu_approximate="tanh"), "gelu_tanh", (729, 1152)),
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,cfg,act,shape", FULL_SIZE, ids=["VL1-SigLIP-L16", "VL2-SO400M14"])
+def test_full_size_siglip_equals_timm(name, cfg, act, shape):
+    torch.manual_seed(0)
+    ref = timm.create_model(name, pretrained=False, num_classes=0, act_layer=act).eval()
+    with torch.device("meta"):
+        ours = SigLIPViT(SigLIPConfig(**cfg))
+    weights = {k: v for k, v in ref.state_dict().items() if not k.startswith("attn_pool.")}
+    ours.load_state_dict(weights, strict=True, assign=True)
+    x = torch.randn(1, 3, 384, 384)
+    with torch.no_grad():
+        out = ours.eval()(x)
+        assert out.shape == (1, *shape)
+        assert torch.equal(out, ref.forward_features(x))
+
+
+@pytest.mark.slow
+def test_full_size_sam_b_equals_timm():
+    torch.manual_seed(0)
+    ref = timm.create_model("samvit_base_patch16", pretrained=False, num_classes=0, global_pool="").eval()
+    with torch.device("meta"):
+        ours = SAMEncoder(SAMConfig())
+    weights = {k.replace("mlp.fc1", "mlp.lin1").replace("mlp.fc2", "mlp.lin2"): v for k, v in ref.state_dict().items()}
+    extras = {k: torch.randn(v.shape) * 0.02 for k, v in ours.state_dict().items() if k not in weights}
+    assert set(extras) >= {"hd_alpha_downsamples", "downsamples.0.weight", "downsamples.1.weight", "neck_hd.0.weight"}
+    ours.load_state_dict({**weights, **extras}, strict=True, assign=True)
+    x = torch.randn(1, 3, 1024, 1024)
+    with torch.no_grad():
+        neck, first_global = ours.eval().encode(x)
+        assert first_global.shape == (1, 64, 64, 768)
+        assert (neck - ref.forward_features(x)).abs().max() < 1e-4
+        assert ours(x).shape == (1, 1024, 24, 24)

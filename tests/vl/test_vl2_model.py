@@ -142,3 +142,45 @@ def test_bf16_runs(vlh, vl2_checkpoint):
     with torch.no_grad():
         out = model(batch).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def _hf_reference(variant: str, vocab: int):
+    """transformers' DeepseekV2 (small: softmax greedy) / DeepseekV3 (base: sigmoid noaux_tc) twin."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                  v_head_dim=8, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2, moe_intermediate_size=32,
+                  first_k_dense_replace=1, n_group=1, topk_group=1, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                  bos_token_id=0, eos_token_id=1)  # fmt: skip
+    if variant == "small":
+        return DeepseekV2ForCausalLM(DeepseekV2Config(**common, topk_method="greedy", routed_scaling_factor=1.0))
+    return DeepseekV3ForCausalLM(DeepseekV3Config(**common, routed_scaling_factor=2.0, norm_topk_prob=True))
+
+
+@pytest.mark.parametrize("variant", sorted(LM_VARIANTS))
+def test_small_and_base_language_models_match_transformers(vlh, tmp_path, variant):
+    """VL2 language_config -> shared core gives transformers' V2/V3 logits on the merged embeddings."""
+    from safetensors.torch import save_file
+
+    path = vlh.write_vl2_checkpoint(tmp_path / "vl2", seed=6, language_overrides=LM_VARIANTS[variant])
+    vocab = vl.load(path)[0].lm.config.vocab_size
+    torch.manual_seed(0)
+    ref = _hf_reference(variant, vocab)
+    vlh.randomize(ref, seed=7)
+    with torch.no_grad():
+        for name, buf in ref.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn(buf.shape, generator=torch.Generator().manual_seed(8)) * 0.3)
+    ref.eval().save_pretrained(str(tmp_path / "hf"), save_original_format=True)
+    tensors = {k: v for k, v in load_file(str(path / "model.safetensors")).items() if not k.startswith("language.")}
+    tensors.update({"language." + k: v for k, v in load_file(str(tmp_path / "hf" / "model.safetensors")).items()})
+    save_file(tensors, str(path / "model.safetensors"))
+
+    model, processor = vl.load(path)
+    batch = processor(USER_IMAGE, [vlh.noise_image(100, 60)])
+    with torch.no_grad():
+        embeds = model.prepare_inputs_embeds(batch)
+        expected = ref(inputs_embeds=embeds).logits
+        got = model(batch).logits
+    assert (got - expected).abs().max() < 1e-4
