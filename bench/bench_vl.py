@@ -29,7 +29,7 @@ from transformers import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import vl  # noqa: E402
+import vl
 
 LOW_MEAN = LOW_STD = (0.5, 0.5, 0.5)
 HIGH_MEAN, HIGH_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -39,34 +39,69 @@ def build_checkpoint(out: Path, args) -> DeepseekVLHybridForConditionalGeneratio
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(["Describe the image in detail. A cat sits on a mat."] * 8, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<｜begin▁of▁sentence｜>",
-                                   eos_token="<｜end▁of▁sentence｜>")  # fmt: skip
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<｜begin▁of▁sentence｜>", eos_token="<｜end▁of▁sentence｜>"
+    )
     fast.add_special_tokens({"additional_special_tokens": ["<image_placeholder>"]})
     fast.save_pretrained(str(out))
-    text = dict(model_type="llama", hidden_size=args.lm_hidden, intermediate_size=args.lm_hidden * 11 // 4,
-                num_hidden_layers=args.lm_layers, num_attention_heads=args.lm_hidden // 64,
-                num_key_value_heads=args.lm_hidden // 64, vocab_size=args.vocab, rms_norm_eps=1e-6)  # fmt: skip
-    siglip = dict(model_type="siglip_vision_model", hidden_size=args.siglip_width, intermediate_size=4 * args.siglip_width,
-                  num_hidden_layers=args.siglip_layers, num_attention_heads=args.siglip_width // 64,
-                  image_size=384, patch_size=16, hidden_act="gelu")  # fmt: skip
-    sam = dict(model_type="sam_vision_model", hidden_size=args.sam_width, output_channels=256,
-               num_hidden_layers=args.sam_layers, num_attention_heads=args.sam_width // 64,
-               image_size=args.sam_size, patch_size=16, global_attn_indexes=list(range(2, args.sam_layers, 3)),
-               window_size=14, mlp_dim=4 * args.sam_width)  # fmt: skip
-    cfg = DeepseekVLHybridConfig(text_config=text, vision_config=siglip, high_res_vision_config=sam,
-                                 image_token_id=fast.convert_tokens_to_ids("<image_placeholder>"))  # fmt: skip
+    text = dict(
+        model_type="llama",
+        hidden_size=args.lm_hidden,
+        intermediate_size=args.lm_hidden * 11 // 4,
+        num_hidden_layers=args.lm_layers,
+        num_attention_heads=args.lm_hidden // 64,
+        num_key_value_heads=args.lm_hidden // 64,
+        vocab_size=args.vocab,
+        rms_norm_eps=1e-6,
+    )
+    siglip = dict(
+        model_type="siglip_vision_model",
+        hidden_size=args.siglip_width,
+        intermediate_size=4 * args.siglip_width,
+        num_hidden_layers=args.siglip_layers,
+        num_attention_heads=args.siglip_width // 64,
+        image_size=384,
+        patch_size=16,
+        hidden_act="gelu",
+    )
+    sam = dict(
+        model_type="sam_vision_model",
+        hidden_size=args.sam_width,
+        output_channels=256,
+        num_hidden_layers=args.sam_layers,
+        num_attention_heads=args.sam_width // 64,
+        image_size=args.sam_size,
+        patch_size=16,
+        global_attn_indexes=list(range(2, args.sam_layers, 3)),
+        window_size=14,
+        mlp_dim=4 * args.sam_width,
+    )
+    cfg = DeepseekVLHybridConfig(
+        text_config=text,
+        vision_config=siglip,
+        high_res_vision_config=sam,
+        image_token_id=fast.convert_tokens_to_ids("<image_placeholder>"),
+    )
     torch.manual_seed(0)
     ref = DeepseekVLHybridForConditionalGeneration(cfg).eval()
     with torch.no_grad():
         ref.model.high_res_vision_alpha.fill_(0.3)
     ref.save_pretrained(str(out))
     DeepseekVLHybridImageProcessor(
-        size={"height": 384, "width": 384}, high_res_size={"height": args.sam_size, "width": args.sam_size},
-        image_mean=LOW_MEAN, image_std=LOW_STD, high_res_image_mean=HIGH_MEAN, high_res_image_std=HIGH_STD,
-    ).save_pretrained(str(out))  # fmt: skip
+        size={"height": 384, "width": 384},
+        high_res_size={"height": args.sam_size, "width": args.sam_size},
+        image_mean=LOW_MEAN,
+        image_std=LOW_STD,
+        high_res_image_mean=HIGH_MEAN,
+        high_res_image_std=HIGH_STD,
+    ).save_pretrained(str(out))
     return ref
 
 
@@ -81,8 +116,14 @@ def run_transformers(ref, batch, new_tokens: int) -> tuple[float, float, list[in
     high = normalize(x, HIGH_MEAN, HIGH_STD)
     mask = batch.attention_mask
     start = time.perf_counter()
-    out = ref(input_ids=batch.input_ids, pixel_values=pixel_values, high_res_pixel_values=high,
-              attention_mask=mask, use_cache=True, logits_to_keep=1)  # fmt: skip
+    out = ref(
+        input_ids=batch.input_ids,
+        pixel_values=pixel_values,
+        high_res_pixel_values=high,
+        attention_mask=mask,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     token = out.logits[:, -1].argmax(-1)
     prefill = time.perf_counter() - start
     tokens = [int(token)]

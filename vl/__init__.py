@@ -4,7 +4,13 @@ from .batch import VLBatch
 from .chat import chat
 from .grounding import Groundings, parse_grounding
 from .image_io import ImageLoadError, load_image
-from .image_processing import CANDIDATE_RESOLUTIONS, VL2ImageProcessor, VLImageProcessor, image_token_count, select_best_resolution
+from .image_processing import (
+    CANDIDATE_RESOLUTIONS,
+    VL2ImageProcessor,
+    VLImageProcessor,
+    image_token_count,
+    select_best_resolution,
+)
 from .loading import load
 from .modeling_vl import DeepseekVL, VLConfig
 from .modeling_vl2 import DeepseekVL2, VL2Config

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from shared_moe import CausalLMOutput, MoEForCausalLM
 
@@ -29,7 +29,7 @@ class VLBatch:
     images_emb_mask: torch.Tensor | None = None
     images_spatial_crop: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "VLBatch":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VLBatch:
         """Move everything to `device`; only the pixels change dtype."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         moved = {k: v.to(device) if v is not None else None for k, v in moved.items()}

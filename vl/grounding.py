@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-SPAN = re.compile(r"(?:<\|ref\|>(?P<label>.*?)<\|/ref\|>\s*)?<\|det\|>(?P<det>.*?)(?:<\|/det\|>|$)", re.S)
+SPAN = re.compile(r"(?:<\|ref\|>(?P<label>.*?)<\|/ref\|>\s*)?<\|det\|>(?P<det>.*?)(?:<\|/det\|>|$)", re.DOTALL)
 BOX = re.compile(r"\[\s*([^\[\]]*?)\s*\]")
 NUMBER = re.compile(r"^-?\d+$")
 COORD_MAX = 999
@@ -55,8 +55,14 @@ def parse_grounding(text: str, width: int, height: int) -> Groundings:
                 malformed.append(f"{label!r}: {box}")
                 continue
             x1, y1, x2, y2 = box
-            boxes.append((int(x1 / COORD_MAX * width), int(y1 / COORD_MAX * height),
-                          int(x2 / COORD_MAX * width), int(y2 / COORD_MAX * height)))  # fmt: skip
+            boxes.append(
+                (
+                    int(x1 / COORD_MAX * width),
+                    int(y1 / COORD_MAX * height),
+                    int(x2 / COORD_MAX * width),
+                    int(y2 / COORD_MAX * height),
+                )
+            )
         if not BOX.search(inner):
             malformed.append(f"{label!r}: no box in {det!r}")
         if boxes:

@@ -11,7 +11,6 @@ import base64
 import io
 import warnings
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -19,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000x8000; far above any tiling candidate, far below a bomb
 ALPHA_BACKGROUND = (255, 255, 255)
 
-ImageInput = Union[str, Path, bytes, io.IOBase, Image.Image]
+ImageInput = str | Path | bytes | io.IOBase | Image.Image
 
 
 class ImageLoadError(ValueError):
@@ -100,7 +99,9 @@ def load_image(
     if width <= 0 or height <= 0:
         raise ImageLoadError(f"image has an empty size {width}x{height}")
     if width * height > max_pixels:
-        raise ImageLoadError(f"image is too large: {width}x{height} = {width * height} pixels > max_pixels={max_pixels}")
+        raise ImageLoadError(
+            f"image is too large: {width}x{height} = {width * height} pixels > max_pixels={max_pixels}"
+        )
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)
     try:

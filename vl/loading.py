@@ -22,7 +22,16 @@ from shared_moe import CheckpointMismatchError, read_safetensors
 
 from .batch import VisionLanguageModel
 from .image_io import DEFAULT_MAX_PIXELS
-from .image_processing import CANDIDATE_RESOLUTIONS, CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, VL2ImageProcessor, VLImageProcessor, background_color
+from .image_processing import (
+    CANDIDATE_RESOLUTIONS,
+    CLIP_MEAN,
+    CLIP_STD,
+    SIGLIP_MEAN,
+    SIGLIP_STD,
+    VL2ImageProcessor,
+    VLImageProcessor,
+    background_color,
+)
 from .modeling_vl import DeepseekVL, VLConfig
 from .modeling_vl2 import DeepseekVL2, VL2Config
 from .processing import VL2ChatProcessor, VLChatProcessor, token_id
@@ -195,8 +204,13 @@ def hf_siglip_to_timm(tensors: dict[str, torch.Tensor], src: str, dst: str) -> d
         for kind in ("weight", "bias"):
             qkv = [sub.pop(f"{a}self_attn.{p}_proj.{kind}") for p in "qkv"]
             out[f"{b}attn.qkv.{kind}"] = torch.cat(qkv)
-            for hf, timm_name in (("self_attn.out_proj", "attn.proj"), ("layer_norm1", "norm1"),
-                                  ("layer_norm2", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):  # fmt: skip
+            for hf, timm_name in (
+                ("self_attn.out_proj", "attn.proj"),
+                ("layer_norm1", "norm1"),
+                ("layer_norm2", "norm2"),
+                ("mlp.fc1", "mlp.fc1"),
+                ("mlp.fc2", "mlp.fc2"),
+            ):
                 out[f"{b}{timm_name}.{kind}"] = sub.pop(f"{a}{hf}.{kind}")
     for kind in ("weight", "bias"):
         out[f"{dst}norm.{kind}"] = sub.pop(f"post_layernorm.{kind}")
@@ -224,8 +238,13 @@ def hf_to_original(tensors: dict[str, torch.Tensor], hybrid: bool) -> dict[str, 
     low = "vision_model.vision_tower_low.vision_tower." if hybrid else "vision_model.vision_tower."
     out.update(hf_siglip_to_timm(tensors, "model.vision_model.", low))
     high = "vision_model.vision_tower_high.vision_tower."
-    aligner = {"linear1": "layers.0", "linear2": "layers.2", "vision_proj": "low_up_proj",
-               "high_res_vision_proj": "high_up_proj", "proj": "layers.1"}  # fmt: skip
+    aligner = {
+        "linear1": "layers.0",
+        "linear2": "layers.2",
+        "vision_proj": "low_up_proj",
+        "high_res_vision_proj": "high_up_proj",
+        "proj": "layers.1",
+    }
     for key, value in tensors.items():
         if key.startswith("model.vision_model."):
             continue
@@ -268,8 +287,11 @@ def load_tensors(model: VisionLanguageModel, tensors: dict[str, torch.Tensor], l
         if own[k].shape != expected[k].shape
     )
     if missing or unexpected or misshaped:
-        report = [f"{len(v)} {t}: {', '.join(v)}" for t, v in (("missing", missing), ("unexpected", unexpected),
-                                                                ("mis-shaped", misshaped)) if v]  # fmt: skip
+        report = [
+            f"{len(v)} {t}: {', '.join(v)}"
+            for t, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+            if v
+        ]
         raise CheckpointMismatchError("vision/projector tensors do not match the config; " + "; ".join(report))
     with torch.no_grad():
         for k, target in expected.items():
@@ -346,4 +368,3 @@ def load(
         raise ValueError(f"{path}: model_type {kind!r} is not a DeepSeek-VL/VL2 checkpoint")
     model = model.to(device=device, dtype=dtype).eval()
     return model, processor
-

@@ -23,10 +23,12 @@ VL1_SYSTEM_PROMPT = (
 )
 EOS_TEXT = "<｜end▁of▁sentence｜>"
 ROLE_ALIASES = {
-    "user": "user", "<|user|>": "user",
-    "assistant": "assistant", "<|assistant|>": "assistant",
+    "user": "user",
+    "<|user|>": "user",
+    "assistant": "assistant",
+    "<|assistant|>": "assistant",
     "system": "system",
-}  # fmt: skip
+}
 
 
 class ImageTagMismatchError(ValueError):
@@ -260,7 +262,11 @@ class VL2ChatProcessor(_Processor):
                 mask += [False] * len(seg)
         if ids and ids[-1] == self.eos_id:
             ids, mask = ids[:-1], mask[:-1]  # inference mode: the prompt ends open for the model
-        pixels = torch.cat(views) if views else torch.zeros(0, 3, self.image_processor.tile_size, self.image_processor.tile_size)
+        pixels = (
+            torch.cat(views)
+            if views
+            else torch.zeros(0, 3, self.image_processor.tile_size, self.image_processor.tile_size)
+        )
         return {"ids": ids, "image_mask": mask, "pixels": pixels, "grids": grids}
 
     def collate(self, samples: list[dict]) -> VLBatch:

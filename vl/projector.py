@@ -7,8 +7,8 @@ Layer indices in `layers` match the checkpoints: GELUs sit at the odd/even slots
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 def gelu_mlp(in_dim: int, hidden: int, out_dim: int, depth: int) -> list[nn.Module]:

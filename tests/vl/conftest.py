@@ -52,22 +52,55 @@ def padded_vocab(tokenizer) -> int:
 
 
 def llama_text_config(vocab: int, **overrides) -> dict:
-    cfg = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab, rms_norm_eps=1e-6,
-               max_position_embeddings=4096, tie_word_embeddings=False)  # fmt: skip
+    cfg = dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=vocab,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     cfg.update(overrides)
     return cfg
 
 
 def vl2_tiny_language_config(vocab: int, **overrides) -> dict:
     """VL2-Tiny's LM shape family: MHA (no MLA), dense layer 0, softmax greedy DeepSeekMoE after."""
-    cfg = dict(model_type="deepseek_v2", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-               num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab, use_mla=False,
-               kv_lora_rank=None, q_lora_rank=None, qk_nope_head_dim=0, qk_rope_head_dim=0, v_head_dim=0,
-               n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2, moe_intermediate_size=32,
-               first_k_dense_replace=1, moe_layer_freq=1, n_group=1, topk_group=1, topk_method="greedy",
-               scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=1.0,
-               max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1)  # fmt: skip
+    cfg = dict(
+        model_type="deepseek_v2",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=vocab,
+        use_mla=False,
+        kv_lora_rank=None,
+        q_lora_rank=None,
+        qk_nope_head_dim=0,
+        qk_rope_head_dim=0,
+        v_head_dim=0,
+        n_routed_experts=8,
+        n_shared_experts=2,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+        moe_layer_freq=1,
+        n_group=1,
+        topk_group=1,
+        topk_method="greedy",
+        scoring_func="softmax",
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     cfg.update(overrides)
     return cfg
 
@@ -92,18 +125,30 @@ VL2_CANDIDATES = [[56, 56], [56, 112], [112, 56], [112, 112], [168, 56], [56, 16
 
 
 def vl2_vision_config() -> dict:
-    return dict(model_name="siglip_so400m_patch14_384", image_size=VL2_TILE, patch_size=14, width=32, layers=2,
-                heads=2, mlp_ratio=3.7362)  # fmt: skip
+    return dict(
+        model_name="siglip_so400m_patch14_384",
+        image_size=VL2_TILE,
+        patch_size=14,
+        width=32,
+        layers=2,
+        heads=2,
+        mlp_ratio=3.7362,
+    )
 
 
-def write_vl2_checkpoint(out_dir: Path, seed: int = 0, language_overrides: dict | None = None,
-                         global_view_pos: str = "head", vision: dict | None = None,
-                         candidates: list | None = None) -> Path:  # fmt: skip
+def write_vl2_checkpoint(
+    out_dir: Path,
+    seed: int = 0,
+    language_overrides: dict | None = None,
+    global_view_pos: str = "head",
+    vision: dict | None = None,
+    candidates: list | None = None,
+) -> Path:
     """An original-layout DeepSeek-VL2 folder (config.json, processor_config.json, tokenizer, weights)."""
     vision = vision or vl2_vision_config()
     candidates = candidates or VL2_CANDIDATES
-    from vl.modeling_vl2 import DeepseekVL2
     from vl.loading import vl2_config
+    from vl.modeling_vl2 import DeepseekVL2
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(out_dir, VL2_SPECIALS)
@@ -114,14 +159,26 @@ def write_vl2_checkpoint(out_dir: Path, seed: int = 0, language_overrides: dict 
         "global_view_pos": global_view_pos,
         "candidate_resolutions": candidates,
         "vision_config": vision,
-        "projector_config": {"projector_type": "downsample_mlp_gelu", "input_dim": vision["width"],
-                             "n_embed": language["hidden_size"], "depth": 2, "mlp_ratio": 1,
-                             "downsample_ratio": 2},  # fmt: skip
+        "projector_config": {
+            "projector_type": "downsample_mlp_gelu",
+            "input_dim": vision["width"],
+            "n_embed": language["hidden_size"],
+            "depth": 2,
+            "mlp_ratio": 1,
+            "downsample_ratio": 2,
+        },
         "language_config": language,
     }
     (out_dir / "config.json").write_text(json.dumps(config, indent=1))
-    processor = {"candidate_resolutions": candidates, "patch_size": 14, "downsample_ratio": 2,
-                 "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "image_token": "<image>", "pad_token": PAD}  # fmt: skip
+    processor = {
+        "candidate_resolutions": candidates,
+        "patch_size": 14,
+        "downsample_ratio": 2,
+        "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3,
+        "image_token": "<image>",
+        "pad_token": PAD,
+    }
     (out_dir / "processor_config.json").write_text(json.dumps(processor))
     torch.manual_seed(seed)
     model = DeepseekVL2(vl2_config(config, tokenizer.convert_tokens_to_ids("<image>")))

@@ -12,18 +12,31 @@ import torch
 import vl
 from vl.image_processing import CANDIDATE_RESOLUTIONS
 
-TINY_STRUCTURE_LM = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=4, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
-                         moe_intermediate_size=32)  # fmt: skip
-TINY_STRUCTURE_VISION = dict(model_name="siglip_so400m_patch14_384", image_size=384, patch_size=14, width=64,
-                             layers=2, heads=4, mlp_ratio=3.7362)  # fmt: skip
+TINY_STRUCTURE_LM = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_routed_experts=64,
+    n_shared_experts=2,
+    num_experts_per_tok=6,
+    moe_intermediate_size=32,
+)
+TINY_STRUCTURE_VISION = dict(
+    model_name="siglip_so400m_patch14_384", image_size=384, patch_size=14, width=64, layers=2, heads=4, mlp_ratio=3.7362
+)
 
 
 @pytest.mark.slow
 def test_chat_about_a_1024x768_image(vlh, tmp_path):
-    path = vlh.write_vl2_checkpoint(tmp_path / "ckpt", seed=11, language_overrides=TINY_STRUCTURE_LM,
-                                    vision=TINY_STRUCTURE_VISION,
-                                    candidates=[list(c) for c in CANDIDATE_RESOLUTIONS])  # fmt: skip
+    path = vlh.write_vl2_checkpoint(
+        tmp_path / "ckpt",
+        seed=11,
+        language_overrides=TINY_STRUCTURE_LM,
+        vision=TINY_STRUCTURE_VISION,
+        candidates=[list(c) for c in CANDIDATE_RESOLUTIONS],
+    )
     image_file = tmp_path / "photo.jpg"
     vlh.noise_image(1024, 768, seed=3).save(image_file, quality=90)
     model, processor = vl.load(path)
@@ -41,6 +54,7 @@ def test_chat_about_a_1024x768_image(vlh, tmp_path):
     ids = model.generate(processor(conversation, [str(image_file)]), max_new_tokens=12, eos_token_id=processor.eos_id)
     kept = [t for t in ids[0].tolist() if t != processor.eos_id]
     assert processor.tokenizer.decode(kept, skip_special_tokens=False).startswith(reply)
-    chunked = vl.chat(model, processor, conversation, [str(image_file)], stream=False, max_new_tokens=12,
-                      prefill_chunk_size=512)  # fmt: skip
+    chunked = vl.chat(
+        model, processor, conversation, [str(image_file)], stream=False, max_new_tokens=12, prefill_chunk_size=512
+    )
     assert chunked == reply

@@ -13,10 +13,19 @@ def test_reference_example():
 
 
 def test_scaling_to_pixels_and_multiple_boxes():
-    text = "a <|ref|>dog<|/ref|><|det|>[[0, 0, 999, 999], [100, 200, 300, 400]]<|/det|> and <|ref|>cat<|/ref|><|det|>[[999,0,999,10]]<|/det|>"
+    text = (
+        "a <|ref|>dog<|/ref|><|det|>[[0, 0, 999, 999], [100, 200, 300, 400]]<|/det|>"
+        " and <|ref|>cat<|/ref|><|det|>[[999,0,999,10]]<|/det|>"
+    )
     out = parse_grounding(text, 1024, 768)
     assert out == [
-        ("dog", [(0, 0, 1024, 768), (int(100 / 999 * 1024), int(200 / 999 * 768), int(300 / 999 * 1024), int(400 / 999 * 768))]),
+        (
+            "dog",
+            [
+                (0, 0, 1024, 768),
+                (int(100 / 999 * 1024), int(200 / 999 * 768), int(300 / 999 * 1024), int(400 / 999 * 768)),
+            ],
+        ),
         ("cat", [(1024, 0, 1024, int(10 / 999 * 768))]),
     ]
 

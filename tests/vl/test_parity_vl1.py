@@ -18,11 +18,28 @@ from transformers import (
 
 import vl
 
-SIGLIP = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=2, image_size=64, patch_size=16, hidden_act="gelu")  # fmt: skip
-SAM = dict(model_type="sam_vision_model", hidden_size=32, output_channels=16, num_hidden_layers=4,
-           num_attention_heads=2, image_size=160, patch_size=16, global_attn_indexes=[1, 3], window_size=4,
-           mlp_dim=64)  # fmt: skip
+SIGLIP = dict(
+    model_type="siglip_vision_model",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=64,
+    patch_size=16,
+    hidden_act="gelu",
+)
+SAM = dict(
+    model_type="sam_vision_model",
+    hidden_size=32,
+    output_channels=16,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    image_size=160,
+    patch_size=16,
+    global_attn_indexes=[1, 3],
+    window_size=4,
+    mlp_dim=64,
+)
 LOW_MEAN, LOW_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 HIGH_MEAN, HIGH_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -36,16 +53,29 @@ def _save(vlh, tmp_path, hybrid: bool, tie: bool):
     image_id = tokenizer.convert_tokens_to_ids("<image_placeholder>")
     text = vlh.llama_text_config(vlh.padded_vocab(tokenizer))
     if hybrid:
-        cfg = DeepseekVLHybridConfig(text_config=text, vision_config=SIGLIP, high_res_vision_config=SAM,
-                                     image_token_id=image_id, tie_word_embeddings=tie)  # fmt: skip
+        cfg = DeepseekVLHybridConfig(
+            text_config=text,
+            vision_config=SIGLIP,
+            high_res_vision_config=SAM,
+            image_token_id=image_id,
+            tie_word_embeddings=tie,
+        )
         ref = DeepseekVLHybridForConditionalGeneration(cfg)
         DeepseekVLHybridImageProcessor(
-            size={"height": 64, "width": 64}, high_res_size={"height": 160, "width": 160},
-            image_mean=LOW_MEAN, image_std=LOW_STD, high_res_image_mean=HIGH_MEAN, high_res_image_std=HIGH_STD,
-        ).save_pretrained(str(tmp_path))  # fmt: skip
+            size={"height": 64, "width": 64},
+            high_res_size={"height": 160, "width": 160},
+            image_mean=LOW_MEAN,
+            image_std=LOW_STD,
+            high_res_image_mean=HIGH_MEAN,
+            high_res_image_std=HIGH_STD,
+        ).save_pretrained(str(tmp_path))
     else:
-        cfg = DeepseekVLConfig(text_config=text, vision_config={**SIGLIP, "hidden_act": "gelu_pytorch_tanh"},
-                               image_token_id=image_id, tie_word_embeddings=tie)  # fmt: skip
+        cfg = DeepseekVLConfig(
+            text_config=text,
+            vision_config={**SIGLIP, "hidden_act": "gelu_pytorch_tanh"},
+            image_token_id=image_id,
+            tie_word_embeddings=tie,
+        )
         ref = DeepseekVLForConditionalGeneration(cfg)
     vlh.randomize(ref, seed=1)
     if hybrid:
@@ -59,7 +89,9 @@ def _reference_logits(ref, batch, hybrid: bool):
     x = batch.pixel_values[:, 0]
     if hybrid:
         low = F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True)
-        kwargs = dict(pixel_values=_normalize(low, LOW_MEAN, LOW_STD), high_res_pixel_values=_normalize(x, HIGH_MEAN, HIGH_STD))
+        kwargs = dict(
+            pixel_values=_normalize(low, LOW_MEAN, LOW_STD), high_res_pixel_values=_normalize(x, HIGH_MEAN, HIGH_STD)
+        )
     else:
         kwargs = dict(pixel_values=_normalize(x, LOW_MEAN, LOW_STD))
     with torch.no_grad():
@@ -74,7 +106,13 @@ def test_logits_match_transformers(vlh, tmp_path, hybrid, tie):
     assert processor.num_image_tokens == 16
     conv = [{"role": "user", "content": "<image_placeholder>Describe the image."}]
     batch = processor(conv, [vlh.noise_image(120, 90, seed=3)])
-    assert batch.pixel_values.shape == (1, 1, 3, processor.image_processor.image_size, processor.image_processor.image_size)
+    assert batch.pixel_values.shape == (
+        1,
+        1,
+        3,
+        processor.image_processor.image_size,
+        processor.image_processor.image_size,
+    )
     assert int(batch.images_seq_mask.sum()) == 16
     with torch.no_grad():
         ours = model(batch).logits
@@ -97,19 +135,43 @@ def _original_config(model: vl.DeepseekVL) -> dict:
     """The original `multi_modality` config.json for a loaded hybrid model (explicit tiny dims)."""
     cfg = model.cfg
     low, high = cfg.low, cfg.high
-    low_params = dict(model_name="siglip_large_patch16_384", image_size=low.image_size, patch_size=low.patch_size,
-                      width=low.width, layers=low.layers, heads=low.heads, mlp_dim=low.mlp_dim, select_layer=-1,
-                      pixel_mean=list(cfg.low_mean), pixel_std=list(cfg.low_std))  # fmt: skip
-    high_params = dict(model_name="sam_b_downsample", image_size=high.image_size, width=high.width,
-                       layers=high.layers, heads=high.heads, mlp_dim=high.mlp_dim, window_size=high.window_size,
-                       global_attn_indexes=list(high.global_attn_indexes), neck_channels=high.neck_channels,
-                       downsample_channels=list(high.downsample_channels), neck_resize=high.neck_resize,
-                       pixel_mean=list(cfg.high_mean), pixel_std=list(cfg.high_std))  # fmt: skip
+    low_params = dict(
+        model_name="siglip_large_patch16_384",
+        image_size=low.image_size,
+        patch_size=low.patch_size,
+        width=low.width,
+        layers=low.layers,
+        heads=low.heads,
+        mlp_dim=low.mlp_dim,
+        select_layer=-1,
+        pixel_mean=list(cfg.low_mean),
+        pixel_std=list(cfg.low_std),
+    )
+    high_params = dict(
+        model_name="sam_b_downsample",
+        image_size=high.image_size,
+        width=high.width,
+        layers=high.layers,
+        heads=high.heads,
+        mlp_dim=high.mlp_dim,
+        window_size=high.window_size,
+        global_attn_indexes=list(high.global_attn_indexes),
+        neck_channels=high.neck_channels,
+        downsample_channels=list(high.downsample_channels),
+        neck_resize=high.neck_resize,
+        pixel_mean=list(cfg.high_mean),
+        pixel_std=list(cfg.high_std),
+    )
     return {
         "model_type": "multi_modality",
-        "vision_config": {"cls": "HybridVisionTower", "params": {"high_res_cfg": high_params, "low_res_cfg": low_params}},
-        "aligner_config": {"cls": "MlpProjector", "params": {"projector_type": "low_high_hybrid_split_mlp_gelu",
-                                                             "depth": 2, "input_dim": 32, "n_embed": 64}},  # fmt: skip
+        "vision_config": {
+            "cls": "HybridVisionTower",
+            "params": {"high_res_cfg": high_params, "low_res_cfg": low_params},
+        },
+        "aligner_config": {
+            "cls": "MlpProjector",
+            "params": {"projector_type": "low_high_hybrid_split_mlp_gelu", "depth": 2, "input_dim": 32, "n_embed": 64},
+        },
         "language_config": {**cfg.language, "tie_word_embeddings": False},
     }
 
@@ -147,9 +209,11 @@ def test_original_layout_round_trip(vlh, tmp_path):
 def test_vl1_batched_and_chunked(vlh, tmp_path):
     _save(vlh, tmp_path, hybrid=True, tie=True)
     model, processor = vl.load(tmp_path)
-    convs = [[{"role": "user", "content": "<image_placeholder>Describe the image."}],
-             [{"role": "user", "content": "What colour is the car?"}],
-             [{"role": "user", "content": "<image_placeholder> and <image_placeholder>: same?"}]]  # fmt: skip
+    convs = [
+        [{"role": "user", "content": "<image_placeholder>Describe the image."}],
+        [{"role": "user", "content": "What colour is the car?"}],
+        [{"role": "user", "content": "<image_placeholder> and <image_placeholder>: same?"}],
+    ]
     images = [[vlh.noise_image(90, 120)], [], [vlh.noise_image(50, 50, 1), vlh.noise_image(70, 20, 2)]]
     batch = processor(convs, images)
     assert batch.images_emb_mask.shape == (3, 2, 16) and batch.images_emb_mask.sum() == 48

@@ -31,8 +31,9 @@ def test_vl1_sft_format_golden(vl1_proc):
         {"role": "User", "content": "Color?"},
         {"role": "Assistant", "content": ""},
     ]
-    expected = ("SYS\n\nUser: <image_placeholder>Describe.\n\nAssistant: A cat.<｜end▁of▁sentence｜>"
-                "User: Color?\n\nAssistant:")  # fmt: skip
+    expected = (
+        "SYS\n\nUser: <image_placeholder>Describe.\n\nAssistant: A cat.<｜end▁of▁sentence｜>User: Color?\n\nAssistant:"
+    )
     assert vl1_proc.format(normalize_conversation(conv)) == expected
     # A conversation ending on a user turn gets the same open "Assistant:"; default system prompt.
     text = vl1_proc.format(normalize_conversation(conv[1:4]))
@@ -66,8 +67,15 @@ def test_vl2_format_messages_v2(vlh, vl2_proc):
     def enc(text):
         return tok.encode(text, add_special_tokens=False)
 
-    expected = ([tok.bos_token_id] + enc("<|User|>: ") + [image_id] * n_img + enc("\nDescribe.\n\n<|Assistant|>:")
-                + enc("A cat.") + [tok.eos_token_id] + enc("<|User|>: Color?\n\n<|Assistant|>:"))  # fmt: skip
+    expected = (
+        [tok.bos_token_id]
+        + enc("<|User|>: ")
+        + [image_id] * n_img
+        + enc("\nDescribe.\n\n<|Assistant|>:")
+        + enc("A cat.")
+        + [tok.eos_token_id]
+        + enc("<|User|>: Color?\n\n<|Assistant|>:")
+    )
     assert ids == expected  # per-message tokens, assistant without leading space, no trailing EOS
     assert batch.images_spatial_crop.tolist() == [[[2, 2]]]
     assert batch.pixel_values.shape == (1, 5, 3, TILE, TILE)
@@ -103,8 +111,13 @@ def test_tag_policy_fix_follows_the_web_demo(vlh, vl2_proc):
 
 
 def test_bad_conversations(vl2_proc):
-    for bad in ([], [{"content": "x"}], [{"role": "robot", "content": "x"}], [{"role": "user", "content": 3}],
-                [{"role": "user", "content": "x"}, {"role": "system", "content": "late"}]):  # fmt: skip
+    for bad in (
+        [],
+        [{"content": "x"}],
+        [{"role": "robot", "content": "x"}],
+        [{"role": "user", "content": 3}],
+        [{"role": "user", "content": "x"}, {"role": "system", "content": "late"}],
+    ):
         with pytest.raises(ValueError):
             vl2_proc(bad)
     with pytest.raises(ValueError, match="2 conversations but 1 image lists"):
@@ -123,8 +136,10 @@ def test_missing_special_token_is_reported(vlh, tmp_path):
 
 
 def test_batch_is_left_padded(vlh, vl2_proc):
-    convs = [[{"role": "user", "content": "<image> describe the image in detail please"}],
-             [{"role": "user", "content": "hi"}]]  # fmt: skip
+    convs = [
+        [{"role": "user", "content": "<image> describe the image in detail please"}],
+        [{"role": "user", "content": "hi"}],
+    ]
     batch = vl2_proc(convs, [[vlh.noise_image(100, 60)], []])
     single = [vl2_proc(c, i) for c, i in zip(convs, [[vlh.noise_image(100, 60)], []])]
     length = batch.input_ids.shape[1]

@@ -99,7 +99,9 @@ def test_token_layout_with_identifiable_features():
     # Global features carry 1000 + position, locals 2000 + 100*tile + position, tags are -1 / -2.
     g, dim, grid = 14, 3, (2, 1)
     glob = (1000 + torch.arange(g * g)).float()[:, None].expand(-1, dim)
-    local = torch.stack([(2000 + 100 * t + torch.arange(g * g)).float() for t in range(2)])[..., None].expand(-1, -1, dim)
+    local = torch.stack([(2000 + 100 * t + torch.arange(g * g)).float() for t in range(2)])[..., None].expand(
+        -1, -1, dim
+    )
     newline, sep = torch.full((dim,), -1.0), torch.full((dim,), -2.0)
     seq = tile_layout(glob, local, grid, newline, sep, "head")[:, 0]
     assert seq.shape[0] == 617 == vl.image_token_count((768, 384))
@@ -126,8 +128,16 @@ def test_projector_unfold_is_channel_major_with_feature_zero_pad():
     out = proj.unfold(x)
     assert out.shape == (1, 196, c * 4)
     token = out[0, 14 * 1 + 2]  # output row 1, col 2 -> input rows 2..3, cols 4..5
-    expected = [20000 + 40 + 1, 20000 + 50 + 1, 30000 + 40 + 1, 30000 + 50 + 1,  # channel 0: (dy, dx)
-                20000 + 40 + 2, 20000 + 50 + 2, 30000 + 40 + 2, 30000 + 50 + 2]  # fmt: skip
+    expected = [
+        20000 + 40 + 1,
+        20000 + 50 + 1,
+        30000 + 40 + 1,
+        30000 + 50 + 1,  # channel 0: (dy, dx)
+        20000 + 40 + 2,
+        20000 + 50 + 2,
+        30000 + 40 + 2,
+        30000 + 50 + 2,
+    ]
     assert token.tolist() == expected
     last = out[0, -1]  # bottom-right token: only (26, 26) is real, the rest is the zero pad
     assert last.tolist() == [260260 + 1, 0, 0, 0, 260260 + 2, 0, 0, 0]

@@ -24,14 +24,21 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
 def _timm_siglip(act: str) -> torch.nn.Module:
     # SO400M geometry (patch 14, mlp 4304/1152 ratio) on a 62-px image: 4x4 patches, 6-px border dropped.
     return timm.create_model(
-        "vit_so400m_patch14_siglip_384", pretrained=False, num_classes=0,
-        img_size=62, embed_dim=48, depth=2, num_heads=4, act_layer=act,
-    ).eval()  # fmt: skip
+        "vit_so400m_patch14_siglip_384",
+        pretrained=False,
+        num_classes=0,
+        img_size=62,
+        embed_dim=48,
+        depth=2,
+        num_heads=4,
+        act_layer=act,
+    ).eval()
 
 
 def _our_siglip(approx: str) -> SigLIPViT:
-    cfg = SigLIPConfig(image_size=62, patch_size=14, width=48, layers=2, heads=4, mlp_dim=int(48 * 3.7362),
-                       gelu_approximate=approx)  # fmt: skip
+    cfg = SigLIPConfig(
+        image_size=62, patch_size=14, width=48, layers=2, heads=4, mlp_dim=int(48 * 3.7362), gelu_approximate=approx
+    )
     return SigLIPViT(cfg).eval()
 
 
@@ -68,16 +75,36 @@ def test_siglip_rejects_wrong_image_size():
         _our_siglip("none")(torch.zeros(1, 3, 64, 64))
 
 
-SAM_CFG = SAMConfig(image_size=160, patch_size=16, width=32, layers=4, heads=2, mlp_dim=128, window_size=4,
-                    global_attn_indexes=(1, 3), neck_channels=16, downsample_channels=(32, 64), neck_resize=16)  # fmt: skip
+SAM_CFG = SAMConfig(
+    image_size=160,
+    patch_size=16,
+    width=32,
+    layers=4,
+    heads=2,
+    mlp_dim=128,
+    window_size=4,
+    global_attn_indexes=(1, 3),
+    neck_channels=16,
+    downsample_channels=(32, 64),
+    neck_resize=16,
+)
 
 
 def _timm_sam() -> torch.nn.Module:
     # 10x10 patch grid with window 4: windows are zero-padded to 12x12, as 64x64 -> 70x70 at full size.
     return VisionTransformerSAM(
-        img_size=160, patch_size=16, embed_dim=32, depth=4, num_heads=2, global_attn_indexes=(1, 3),
-        window_size=4, use_rel_pos=True, neck_chans=16, num_classes=0, global_pool="",
-    ).eval()  # fmt: skip
+        img_size=160,
+        patch_size=16,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        global_attn_indexes=(1, 3),
+        window_size=4,
+        use_rel_pos=True,
+        neck_chans=16,
+        num_classes=0,
+        global_pool="",
+    ).eval()
 
 
 def _sam_pair(seed: int):
@@ -135,11 +162,19 @@ def test_tower_normalises_inside():
 
 
 FULL_SIZE = [  # timm name, our config, input side, expected tokens x width
-    ("vit_large_patch16_siglip_384", dict(image_size=384, patch_size=16, width=1024, layers=24, heads=16, mlp_dim=4096,
-                                          gelu_approximate="none"), "gelu", (576, 1024)),
-    ("vit_so400m_patch14_siglip_384", dict(image_size=384, patch_size=14, width=1152, layers=27, heads=16, mlp_dim=4304,
-                                           gelu_approximate="tanh"), "gelu_tanh", (729, 1152)),
-]  # fmt: skip
+    (
+        "vit_large_patch16_siglip_384",
+        dict(image_size=384, patch_size=16, width=1024, layers=24, heads=16, mlp_dim=4096, gelu_approximate="none"),
+        "gelu",
+        (576, 1024),
+    ),
+    (
+        "vit_so400m_patch14_siglip_384",
+        dict(image_size=384, patch_size=14, width=1152, layers=27, heads=16, mlp_dim=4304, gelu_approximate="tanh"),
+        "gelu_tanh",
+        (729, 1152),
+    ),
+]
 
 
 @pytest.mark.slow

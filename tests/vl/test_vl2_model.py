@@ -58,8 +58,11 @@ def test_image_embeddings_land_in_layout_order(vlh, loaded):
 
 def test_batched_left_padding_equals_per_sample(vlh, loaded):
     model, processor = loaded
-    convs = [USER_IMAGE, [{"role": "user", "content": "hi"}],
-             [{"role": "user", "content": "<image> vs <image>: which is brighter, and why?"}]]  # fmt: skip
+    convs = [
+        USER_IMAGE,
+        [{"role": "user", "content": "hi"}],
+        [{"role": "user", "content": "<image> vs <image>: which is brighter, and why?"}],
+    ]
     images = [[vlh.noise_image(100, 60)], [], [vlh.noise_image(60, 100, 1), vlh.noise_image(56, 56, 2)]]
     batch = processor(convs, images)
     with torch.no_grad():
@@ -99,12 +102,29 @@ def test_text_only_request_takes_the_pure_text_path(loaded):
 
 
 LM_VARIANTS = {
-    "small": dict(use_mla=True, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                  v_head_dim=8, topk_method="greedy", scoring_func="softmax"),
-    "base": dict(use_mla=True, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                 v_head_dim=8, topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True,
-                 routed_scaling_factor=2.0),
-}  # fmt: skip
+    "small": dict(
+        use_mla=True,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        topk_method="greedy",
+        scoring_func="softmax",
+    ),
+    "base": dict(
+        use_mla=True,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        norm_topk_prob=True,
+        routed_scaling_factor=2.0,
+    ),
+}
 
 
 @pytest.mark.parametrize("variant", sorted(LM_VARIANTS))
@@ -148,11 +168,30 @@ def _hf_reference(variant: str, vocab: int):
     """transformers' DeepseekV2 (small: softmax greedy) / DeepseekV3 (base: sigmoid noaux_tc) twin."""
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                  v_head_dim=8, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2, moe_intermediate_size=32,
-                  first_k_dense_replace=1, n_group=1, topk_group=1, rms_norm_eps=1e-6, max_position_embeddings=4096,
-                  bos_token_id=0, eos_token_id=1)  # fmt: skip
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        n_routed_experts=8,
+        n_shared_experts=2,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=4096,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     if variant == "small":
         return DeepseekV2ForCausalLM(DeepseekV2Config(**common, topk_method="greedy", routed_scaling_factor=1.0))
     return DeepseekV3ForCausalLM(DeepseekV3Config(**common, routed_scaling_factor=2.0, norm_topk_prob=True))
