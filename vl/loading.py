@@ -271,6 +271,20 @@ def hf_to_original(tensors: dict[str, torch.Tensor], hybrid: bool) -> dict[str, 
 # ---------------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------------
+def materialize(cls, cfg, device, dtype) -> VisionLanguageModel:
+    """Build on the meta device and allocate once in the target dtype: no fp32 copy, no random init.
+
+    Every parameter is then overwritten by the strict loads; the core keeps its fp32 buffers.
+    """
+    with torch.device("meta"):
+        model = cls(cfg)
+    model = model.to_empty(device=torch.device(device or "cpu")).to(dtype or torch.float32)
+    lm = model.lm
+    if lm.config.tie_word_embeddings:
+        lm.lm_head.weight = lm.model.embed_tokens.weight
+    return model
+
+
 def load_tensors(model: VisionLanguageModel, tensors: dict[str, torch.Tensor], lm_prefix: str) -> None:
     """Vision/projector tensors by exact name (one error lists every problem), the rest to the core."""
     lm_tensors = {k[len(lm_prefix) :]: v for k, v in tensors.items() if k.startswith(lm_prefix)}
@@ -333,7 +347,7 @@ def load(
         else:
             vcfg = vl1_hf_config(cfg, preprocessor)
             tensors = hf_to_original(tensors, hybrid=kind == "deepseek_vl_hybrid")
-        model = DeepseekVL(vcfg)
+        model = materialize(DeepseekVL, vcfg, device, dtype)
         load_tensors(model, tensors, "language_model.")
         hybrid = vcfg.high is not None
         mean = vcfg.high_mean if hybrid else vcfg.low_mean
@@ -353,7 +367,7 @@ def load(
         if image_tag != VL2ChatProcessor.image_tag:
             raise ValueError(f"unsupported VL2 image token {image_tag!r}")
         vcfg = vl2_config(cfg, token_id(tokenizer, image_tag))
-        model = DeepseekVL2(vcfg)
+        model = materialize(DeepseekVL2, vcfg, device, dtype)
         load_tensors(model, tensors, "language.")
         image_processor = VL2ImageProcessor(
             tile_size=vcfg.vision.image_size,
@@ -366,5 +380,4 @@ def load(
         processor = VL2ChatProcessor(tokenizer, image_processor, **opts)
     else:
         raise ValueError(f"{path}: model_type {kind!r} is not a DeepSeek-VL/VL2 checkpoint")
-    model = model.to(device=device, dtype=dtype).eval()
-    return model, processor
+    return model.eval(), processor

@@ -66,11 +66,12 @@ class CLIPVisionTower(nn.Module):
     def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
         self.vision_tower = backbone
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.mean, self.std = tuple(mean), tuple(std)  # plain floats: nothing to initialise or cast
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.vision_tower((pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype))
+        mean = torch.tensor(self.mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+        return self.vision_tower((pixels - mean) / std)
 
 
 class HybridVisionTower(nn.Module):
