@@ -197,11 +197,18 @@ def _hf_reference(variant: str, vocab: int):
     return DeepseekV3ForCausalLM(DeepseekV3Config(**common, routed_scaling_factor=2.0, norm_topk_prob=True))
 
 
+def _swap_language(path, language: dict) -> None:
+    """Replace the `language.*` tensors of a VL2 checkpoint folder, keeping the vision side."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v for k, v in load_file(str(path / "model.safetensors")).items() if not k.startswith("language.")}
+    tensors.update({"language." + k: v.contiguous() for k, v in language.items()})
+    save_file(tensors, str(path / "model.safetensors"))
+
+
 @pytest.mark.parametrize("variant", sorted(LM_VARIANTS))
 def test_small_and_base_language_models_match_transformers(vlh, tmp_path, variant):
     """VL2 language_config -> shared core gives transformers' V2/V3 logits on the merged embeddings."""
-    from safetensors.torch import save_file
-
     path = vlh.write_vl2_checkpoint(tmp_path / "vl2", seed=6, language_overrides=LM_VARIANTS[variant])
     vocab = vl.load(path)[0].lm.config.vocab_size
     torch.manual_seed(0)
@@ -212,9 +219,7 @@ def test_small_and_base_language_models_match_transformers(vlh, tmp_path, varian
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(torch.randn(buf.shape, generator=torch.Generator().manual_seed(8)) * 0.3)
     ref.eval().save_pretrained(str(tmp_path / "hf"), save_original_format=True)
-    tensors = {k: v for k, v in load_file(str(path / "model.safetensors")).items() if not k.startswith("language.")}
-    tensors.update({"language." + k: v for k, v in load_file(str(tmp_path / "hf" / "model.safetensors")).items()})
-    save_file(tensors, str(path / "model.safetensors"))
+    _swap_language(path, load_file(str(tmp_path / "hf" / "model.safetensors")))
 
     model, processor = vl.load(path)
     batch = processor(USER_IMAGE, [vlh.noise_image(100, 60)])
@@ -223,3 +228,57 @@ def test_small_and_base_language_models_match_transformers(vlh, tmp_path, varian
         expected = ref(inputs_embeds=embeds).logits
         got = model(batch).logits
     assert (got - expected).abs().max() < 1e-4
+
+
+def test_tiny_language_model_matches_transformers(vlh, tmp_path):
+    """VL2-Tiny's LM (MHA + softmax greedy DeepSeekMoE, dense layer 0) against transformers'
+    DeepSeek-OCR-2 text model, the same architecture, on the merged embeddings (final hidden states)."""
+    from transformers.models.deepseek_ocr2.configuration_deepseek_ocr2 import DeepseekOcr2TextConfig
+    from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2TextModel
+
+    path = vlh.write_vl2_checkpoint(tmp_path / "vl2", seed=9)
+    lm_cfg = vl.load(path)[0].lm.config
+    torch.manual_seed(0)
+    ref = DeepseekOcr2TextModel(
+        DeepseekOcr2TextConfig(
+            vocab_size=lm_cfg.vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            n_routed_experts=8,
+            n_shared_experts=2,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            first_k_dense_replace=1,
+            mlp_layer_types=["dense", "sparse", "sparse"],
+            n_group=1,
+            topk_group=1,
+            rms_norm_eps=1e-6,
+        )
+    )
+    vlh.randomize(ref, seed=10, scale=0.15)
+    head = load_file(str(path / "model.safetensors"))["language.lm_head.weight"]
+    _swap_language(path, {**{"model." + k: v for k, v in ref.state_dict().items()}, "lm_head.weight": head})
+
+    model, processor = vl.load(path)
+    batch = processor(USER_IMAGE, [vlh.noise_image(100, 60)])
+    with torch.no_grad():
+        embeds = model.prepare_inputs_embeds(batch)
+        expected = ref.eval()(inputs_embeds=embeds).last_hidden_state
+        got = model.lm(inputs_embeds=embeds).last_hidden_state
+    assert (got - expected).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(vlh, vl2_checkpoint):
+    cpu, processor = vl.load(vl2_checkpoint)
+    gpu, _ = vl.load(vl2_checkpoint, device="cuda")
+    batch = processor(USER_IMAGE, [vlh.noise_image(100, 60)])
+    with torch.no_grad():
+        expected = cpu(batch).logits
+        got = gpu(batch.to("cuda")).logits.cpu()
+        assert (got - expected).abs().max() < 1e-3
+        bf16, _ = vl.load(vl2_checkpoint, dtype=torch.bfloat16, device="cuda")
+        assert torch.isfinite(bf16(batch.to("cuda")).logits.float()).all()
