@@ -4,8 +4,9 @@ A DeepseekVLHybridForConditionalGeneration is built from a reduced config (real 
 with 576 image tokens, a SAM at `--sam-size`, a Llama LM), saved with `save_pretrained`, and loaded
 through `vl.load`. Both sides get identical pixels and token ids; greedy decoding, KV cache on both.
 
-    python bench/bench_vl.py                      # default preset, ~1-2 min on 2 CPU cores
+    python bench/bench_vl.py                      # default preset, ~1 min on 2 CPU cores
     python bench/bench_vl.py --new-tokens 64 --repeats 5 --json out.json
+    python bench/bench_vl.py --mode vl2-tiny --repeats 1 --new-tokens 16   # real VL2-Tiny shapes, ~14 GB RAM
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     DeepseekVLHybridConfig,
@@ -35,7 +37,8 @@ LOW_MEAN = LOW_STD = (0.5, 0.5, 0.5)
 HIGH_MEAN, HIGH_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-def build_checkpoint(out: Path, args) -> DeepseekVLHybridForConditionalGeneration:
+def make_tokenizer(specials: list[str]) -> PreTrainedTokenizerFast:
+    """A small offline byte-level BPE with DeepSeek's BOS/EOS and the given special tokens."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -49,7 +52,12 @@ def build_checkpoint(out: Path, args) -> DeepseekVLHybridForConditionalGeneratio
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<｜begin▁of▁sentence｜>", eos_token="<｜end▁of▁sentence｜>"
     )
-    fast.add_special_tokens({"additional_special_tokens": ["<image_placeholder>"]})
+    fast.add_special_tokens({"additional_special_tokens": specials})
+    return fast
+
+
+def build_checkpoint(out: Path, args) -> DeepseekVLHybridForConditionalGeneration:
+    fast = make_tokenizer(["<image_placeholder>"])
     fast.save_pretrained(str(out))
     text = dict(
         model_type="llama",
@@ -147,31 +155,94 @@ def run_vl(model, batch, new_tokens: int) -> tuple[float, float, list[int]]:
     return prefill, (time.perf_counter() - start) / max(new_tokens - 1, 1), tokens
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sam-size", type=int, default=512, help="SAM input side (1024 in DeepSeek-VL 7B)")
-    p.add_argument("--sam-width", type=int, default=384)
-    p.add_argument("--sam-layers", type=int, default=6)
-    p.add_argument("--siglip-width", type=int, default=384)
-    p.add_argument("--siglip-layers", type=int, default=6)
-    p.add_argument("--lm-hidden", type=int, default=512)
-    p.add_argument("--lm-layers", type=int, default=6)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", type=Path, help="also write the results here")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+VL2_TINY_LANGUAGE = dict(
+    model_type="deepseek_v2",
+    vocab_size=129280,
+    hidden_size=1280,
+    intermediate_size=6848,
+    num_hidden_layers=12,
+    num_attention_heads=10,
+    num_key_value_heads=10,
+    use_mla=False,
+    kv_lora_rank=None,
+    q_lora_rank=None,
+    n_routed_experts=64,
+    n_shared_experts=2,
+    num_experts_per_tok=6,
+    moe_intermediate_size=896,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+    topk_method="greedy",
+    scoring_func="softmax",
+    norm_topk_prob=False,
+    routed_scaling_factor=1.0,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    bos_token_id=0,
+    eos_token_id=1,
+)
 
+
+def build_vl2_tiny(seed: int = 0):
+    """DeepSeek-VL2-Tiny at its real shapes (SO400M/14 tower, 1280-wide 64-expert MoE), random weights."""
+    tokenizer = make_tokenizer(["<image>", "<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>"])
+    cfg = vl.VL2Config(
+        language=VL2_TINY_LANGUAGE,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision=vl.loading.siglip_from_params({"model_name": "siglip_so400m_patch14_384"}, "tanh"),
+    )
+    model = vl.loading.materialize(vl.DeepseekVL2, cfg, "cpu", torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
+    processor = vl.VL2ChatProcessor(tokenizer, vl.VL2ImageProcessor())
+    return model.eval(), processor
+
+
+def bench_vl2_tiny(args) -> dict:
+    """One chat about a 1024x768 image: prefill (7 tiles + 1415 image tokens) and decode time."""
+    start = time.perf_counter()
+    model, processor = build_vl2_tiny()
+    build_s = time.perf_counter() - start
+    rng = torch.Generator().manual_seed(0)
+    image = Image.fromarray((torch.rand(768, 1024, 3, generator=rng) * 255).to(torch.uint8).numpy())
+    conv = [{"role": "user", "content": "<image>\nDescribe the image in detail."}]
+    batch = processor(conv, [image])
+    runs = [run_vl(model, batch, args.new_tokens) for _ in range(args.repeats)]
+    text = processor.tokenizer.decode(runs[0][2], skip_special_tokens=False)
+    summary = {
+        "mode": "vl2-tiny",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "build_s": build_s,
+        "prompt_tokens": int(batch.input_ids.shape[1]),
+        "image_tokens": int(batch.images_seq_mask.sum()),
+        "views": int(batch.pixel_values.shape[1]),
+        "prefill_s": statistics.median(r[0] for r in runs),
+        "decode_ms_per_token": 1000 * statistics.median(r[1] for r in runs),
+        "reply_ids": runs[0][2],
+        "reply": text,  # random weights pick ids beyond the small offline tokenizer, which decode to ""
+    }
+    print(
+        f"VL2-Tiny shapes ({summary['parameters'] / 1e9:.2f} B params, {summary['views']} views, "
+        f"{summary['prompt_tokens']} prompt tokens): prefill {summary['prefill_s']:.2f} s, "
+        f"decode {summary['decode_ms_per_token']:.0f} ms/token; reply ids {runs[0][2]}"
+    )
+    return summary
+
+
+def bench_hybrid(args) -> dict:
+    """vl against transformers' DeepseekVLHybrid on the same weights."""
     with tempfile.TemporaryDirectory() as tmp:
         ref = build_checkpoint(Path(tmp), args)
         model, processor = vl.load(tmp)
     conv = [{"role": "user", "content": "<image_placeholder>Describe the image in detail."}]
     rng = torch.Generator().manual_seed(0)
     image = (torch.rand(600, 800, 3, generator=rng) * 255).to(torch.uint8).numpy()
-    from PIL import Image
-
     batch = processor(conv, [Image.fromarray(image)])
     results = {}
     for name, fn, target in (("transformers", run_transformers, ref), ("vl", run_vl, model)):
@@ -196,6 +267,27 @@ def main() -> None:
     speed = results["transformers"]["prefill_s"] / results["vl"]["prefill_s"]
     decode = results["transformers"]["decode_ms_per_token"] / results["vl"]["decode_ms_per_token"]
     print(f"vl speed-up: prefill x{speed:.2f}, decode x{decode:.2f}; identical greedy tokens: {same}")
+    return summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=("hybrid", "vl2-tiny"), default="hybrid")
+    p.add_argument("--sam-size", type=int, default=512, help="SAM input side (1024 in DeepSeek-VL 7B)")
+    p.add_argument("--sam-width", type=int, default=384)
+    p.add_argument("--sam-layers", type=int, default=6)
+    p.add_argument("--siglip-width", type=int, default=384)
+    p.add_argument("--siglip-layers", type=int, default=6)
+    p.add_argument("--lm-hidden", type=int, default=512)
+    p.add_argument("--lm-layers", type=int, default=6)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    summary = bench_hybrid(args) if args.mode == "hybrid" else bench_vl2_tiny(args)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
 
