@@ -48,7 +48,7 @@ def _normalize(x, mean, std):
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
-def _save(vlh, tmp_path, hybrid: bool, tie: bool):
+def _save(vlh, tmp_path, hybrid: bool, tie: bool, siglip_act: str = "gelu_pytorch_tanh"):
     tokenizer = vlh.make_tokenizer(tmp_path, vlh.VL1_SPECIALS)
     image_id = tokenizer.convert_tokens_to_ids("<image_placeholder>")
     text = vlh.llama_text_config(vlh.padded_vocab(tokenizer))
@@ -72,7 +72,7 @@ def _save(vlh, tmp_path, hybrid: bool, tie: bool):
     else:
         cfg = DeepseekVLConfig(
             text_config=text,
-            vision_config={**SIGLIP, "hidden_act": "gelu_pytorch_tanh"},
+            vision_config={**SIGLIP, "hidden_act": siglip_act},
             image_token_id=image_id,
             tie_word_embeddings=tie,
         )
@@ -147,36 +147,40 @@ def _original_config(model: vl.DeepseekVL) -> dict:
         pixel_mean=list(cfg.low_mean),
         pixel_std=list(cfg.low_std),
     )
-    high_params = dict(
-        model_name="sam_b_downsample",
-        image_size=high.image_size,
-        width=high.width,
-        layers=high.layers,
-        heads=high.heads,
-        mlp_dim=high.mlp_dim,
-        window_size=high.window_size,
-        global_attn_indexes=list(high.global_attn_indexes),
-        neck_channels=high.neck_channels,
-        downsample_channels=list(high.downsample_channels),
-        neck_resize=high.neck_resize,
-        pixel_mean=list(cfg.high_mean),
-        pixel_std=list(cfg.high_std),
-    )
+    if high is None:
+        high_params = None
+    else:
+        high_params = dict(
+            model_name="sam_b_downsample",
+            image_size=high.image_size,
+            width=high.width,
+            layers=high.layers,
+            heads=high.heads,
+            mlp_dim=high.mlp_dim,
+            window_size=high.window_size,
+            global_attn_indexes=list(high.global_attn_indexes),
+            neck_channels=high.neck_channels,
+            downsample_channels=list(high.downsample_channels),
+            neck_resize=high.neck_resize,
+            pixel_mean=list(cfg.high_mean),
+            pixel_std=list(cfg.high_std),
+        )
+    if high is None:
+        vision = {"cls": "CLIPVisionTower", "params": low_params}
+        aligner = {"projector_type": "mlp_gelu", "depth": 2, "input_dim": 32, "n_embed": 64}
+    else:
+        vision = {"cls": "HybridVisionTower", "params": {"high_res_cfg": high_params, "low_res_cfg": low_params}}
+        aligner = {"projector_type": "low_high_hybrid_split_mlp_gelu", "depth": 2, "input_dim": 32, "n_embed": 64}
     return {
         "model_type": "multi_modality",
-        "vision_config": {
-            "cls": "HybridVisionTower",
-            "params": {"high_res_cfg": high_params, "low_res_cfg": low_params},
-        },
-        "aligner_config": {
-            "cls": "MlpProjector",
-            "params": {"projector_type": "low_high_hybrid_split_mlp_gelu", "depth": 2, "input_dim": 32, "n_embed": 64},
-        },
+        "vision_config": vision,
+        "aligner_config": {"cls": "MlpProjector", "params": aligner},
         "language_config": {**cfg.language, "tie_word_embeddings": False},
     }
 
 
-def test_original_layout_round_trip(vlh, tmp_path):
+@pytest.mark.parametrize("hybrid", [True, False], ids=["7B-hybrid", "1.3B-siglip"])
+def test_original_layout_round_trip(vlh, tmp_path, hybrid):
     """HF layout -> our model -> original DeepSeek-VL layout on disk -> `vl.load` -> same logits."""
     import json
     import shutil
@@ -185,7 +189,7 @@ def test_original_layout_round_trip(vlh, tmp_path):
 
     hf_dir, orig_dir = tmp_path / "hf", tmp_path / "orig"
     hf_dir.mkdir()
-    _save(vlh, hf_dir, hybrid=True, tie=False)
+    _save(vlh, hf_dir, hybrid=hybrid, tie=False, siglip_act="gelu")  # the original SigLIP-L uses exact GELU
     model, processor = vl.load(hf_dir)
     orig_dir.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -193,13 +197,16 @@ def test_original_layout_round_trip(vlh, tmp_path):
     (orig_dir / "config.json").write_text(json.dumps(_original_config(model)))
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     # Shipped checkpoints also hold modules the reference builds but never runs; they must be ignored.
-    low = "vision_model.vision_tower_low.vision_tower."
-    tensors[low + "attn_pool.latent"] = torch.zeros(1, 1, 32)
-    tensors["vision_model.high_layer_norm.weight"] = torch.ones(64)
-    tensors["vision_model.vision_tower_high.vision_tower.hd_alpha_downsamples"] = torch.tensor(0.5)  # 0-d scalar
+    if hybrid:
+        tensors["vision_model.vision_tower_low.vision_tower.attn_pool.latent"] = torch.zeros(1, 1, 32)
+        tensors["vision_model.high_layer_norm.weight"] = torch.ones(64)
+        tensors["vision_model.vision_tower_high.vision_tower.hd_alpha_downsamples"] = torch.tensor(0.5)  # 0-d
+    else:
+        tensors["vision_model.vision_tower.attn_pool.latent"] = torch.zeros(1, 1, 32)
     save_file(tensors, str(orig_dir / "model.safetensors"))
     again, processor2 = vl.load(orig_dir)
-    assert processor2.image_processor.image_size == 160 and processor2.num_image_tokens == 16
+    side = 160 if hybrid else 64
+    assert processor2.image_processor.image_size == side and processor2.num_image_tokens == 16
     conv = [{"role": "user", "content": "<image_placeholder>Describe the image."}]
     batch = processor(conv, [vlh.noise_image(90, 120, seed=7)])
     with torch.no_grad():
