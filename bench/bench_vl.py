@@ -31,7 +31,7 @@ from transformers import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import vl
+import vl  # noqa: E402  (run from a checkout without installing)
 
 LOW_MEAN = LOW_STD = (0.5, 0.5, 0.5)
 HIGH_MEAN, HIGH_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -155,40 +155,11 @@ def run_vl(model, batch, new_tokens: int) -> tuple[float, float, list[int]]:
     return prefill, (time.perf_counter() - start) / max(new_tokens - 1, 1), tokens
 
 
-VL2_TINY_LANGUAGE = dict(
-    model_type="deepseek_v2",
-    vocab_size=129280,
-    hidden_size=1280,
-    intermediate_size=6848,
-    num_hidden_layers=12,
-    num_attention_heads=10,
-    num_key_value_heads=10,
-    use_mla=False,
-    kv_lora_rank=None,
-    q_lora_rank=None,
-    n_routed_experts=64,
-    n_shared_experts=2,
-    num_experts_per_tok=6,
-    moe_intermediate_size=896,
-    first_k_dense_replace=1,
-    n_group=1,
-    topk_group=1,
-    topk_method="greedy",
-    scoring_func="softmax",
-    norm_topk_prob=False,
-    routed_scaling_factor=1.0,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-6,
-    bos_token_id=0,
-    eos_token_id=1,
-)
-
-
 def build_vl2_tiny(seed: int = 0):
     """DeepSeek-VL2-Tiny at its real shapes (SO400M/14 tower, 1280-wide 64-expert MoE), random weights."""
     tokenizer = make_tokenizer(["<image>", "<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>"])
     cfg = vl.VL2Config(
-        language=VL2_TINY_LANGUAGE,
+        language=vl.modeling_vl2.VL2_TINY_LANGUAGE,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision=vl.loading.siglip_from_params({"model_name": "siglip_so400m_patch14_384"}, "tanh"),
     )

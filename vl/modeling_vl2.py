@@ -18,6 +18,36 @@ from .image_processing import CANDIDATE_RESOLUTIONS
 from .projector import DownsampleMlpProjector
 from .siglip import SigLIPConfig, SigLIPViT
 
+# The `language_config` of the released DeepSeek-VL2-Tiny: MHA (no MLA), dense layer 0, then
+# DeepSeekMoE with 64 routed experts (softmax, greedy top-6, no renormalisation) and 2 shared experts.
+VL2_TINY_LANGUAGE: dict[str, Any] = {
+    "model_type": "deepseek_v2",
+    "vocab_size": 129280,
+    "hidden_size": 1280,
+    "intermediate_size": 6848,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 10,
+    "num_key_value_heads": 10,
+    "use_mla": False,
+    "kv_lora_rank": None,
+    "q_lora_rank": None,
+    "n_routed_experts": 64,
+    "n_shared_experts": 2,
+    "num_experts_per_tok": 6,
+    "moe_intermediate_size": 896,
+    "first_k_dense_replace": 1,
+    "n_group": 1,
+    "topk_group": 1,
+    "topk_method": "greedy",
+    "scoring_func": "softmax",
+    "norm_topk_prob": False,
+    "routed_scaling_factor": 1.0,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+}
+
 
 @dataclass
 class VL2Config:

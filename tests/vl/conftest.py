@@ -19,6 +19,8 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from vl.modeling_vl2 import VL2_TINY_LANGUAGE
+
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 VL1_SPECIALS = ["<image_placeholder>"]
 VL2_SPECIALS = ["<image>", "<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>", "<|User|>", "<|Assistant|>"]
@@ -69,38 +71,19 @@ def llama_text_config(vocab: int, **overrides) -> dict:
 
 
 def vl2_tiny_language_config(vocab: int, **overrides) -> dict:
-    """VL2-Tiny's LM shape family: MHA (no MLA), dense layer 0, softmax greedy DeepSeekMoE after."""
-    cfg = dict(
-        model_type="deepseek_v2",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=vocab,
-        use_mla=False,
-        kv_lora_rank=None,
-        q_lora_rank=None,
-        qk_nope_head_dim=0,
-        qk_rope_head_dim=0,
-        v_head_dim=0,
-        n_routed_experts=8,
-        n_shared_experts=2,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        first_k_dense_replace=1,
-        moe_layer_freq=1,
-        n_group=1,
-        topk_group=1,
-        topk_method="greedy",
-        scoring_func="softmax",
-        norm_topk_prob=False,
-        routed_scaling_factor=1.0,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
+    """VL2-Tiny's released language config (MHA, dense layer 0, softmax greedy DeepSeekMoE), shrunk."""
+    cfg = {
+        **VL2_TINY_LANGUAGE,
+        "vocab_size": vocab,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+    }
     cfg.update(overrides)
     return cfg
 

@@ -101,29 +101,10 @@ def test_text_only_request_takes_the_pure_text_path(loaded):
     assert torch.equal(logits, text_logits)
 
 
+MLA = dict(use_mla=True, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
 LM_VARIANTS = {
-    "small": dict(
-        use_mla=True,
-        kv_lora_rank=16,
-        q_lora_rank=None,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=8,
-        v_head_dim=8,
-        topk_method="greedy",
-        scoring_func="softmax",
-    ),
-    "base": dict(
-        use_mla=True,
-        kv_lora_rank=16,
-        q_lora_rank=None,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=8,
-        v_head_dim=8,
-        topk_method="noaux_tc",
-        scoring_func="sigmoid",
-        norm_topk_prob=True,
-        routed_scaling_factor=2.0,
-    ),
+    "small": dict(MLA, topk_method="greedy", scoring_func="softmax"),
+    "base": dict(MLA, topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.0),
 }
 
 
