@@ -16,7 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, LlamaConfig
 
 from shared_moe import CheckpointMismatchError, read_safetensors
 
@@ -44,6 +44,17 @@ SIGLIP_MODELS = {
     "siglip_so400m_patch14_384": dict(image_size=384, patch_size=14, width=1152, layers=27, heads=16, mlp_dim=4304),
 }
 SAM_MODELS = {"sam_b_downsample": {}}
+# Defaults of DeepSeek-VL2's own `DeepseekV2Config` for fields its released configs omit (the base
+# model's `language_config` leaves out the layer and head counts).
+VL2_LANGUAGE_DEFAULTS = {
+    "model_type": "deepseek_v2",
+    "num_hidden_layers": 30,
+    "num_attention_heads": 32,
+    "kv_lora_rank": 512,
+    "use_mla": True,
+    "moe_layer_freq": 1,
+    "rms_norm_eps": 1e-6,
+}
 HF_GELU = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
 UNUSED_KEYS = re.compile(r"(^|\.)attn_pool\.|(^|\.)head\.|(high|low)_layer_norm\.")
 
@@ -87,8 +98,9 @@ def _json(path: Path) -> dict:
 def vl1_original_config(cfg: dict, image_token_id: int) -> VLConfig:
     vision, aligner = cfg["vision_config"], cfg["aligner_config"]
     params, aligner_params = vision.get("params", {}), aligner.get("params", {})
-    language = dict(cfg["language_config"])
-    language.setdefault("model_type", "llama")
+    # The reference builds `LlamaConfig(**language_config)`: omitted fields take Llama's defaults
+    # (the 7B config sets only layers, vocab and context; hidden 4096 etc. come from here).
+    language = LlamaConfig(**cfg["language_config"]).to_dict()
     common = dict(
         language=language,
         image_token_id=image_token_id,
@@ -176,7 +188,7 @@ def vl2_config(cfg: dict, image_token_id: int) -> VL2Config:
     if projector.get("projector_type", "downsample_mlp_gelu") != "downsample_mlp_gelu":
         raise ValueError(f"unsupported VL2 projector {projector['projector_type']!r}")
     return VL2Config(
-        language=cfg["language_config"],
+        language={**VL2_LANGUAGE_DEFAULTS, **cfg["language_config"]},
         image_token_id=image_token_id,
         vision=siglip_from_params(cfg["vision_config"], "tanh"),
         projector_depth=projector.get("depth", 2),

@@ -94,14 +94,15 @@ class DeepseekVL(VisionLanguageModel):
     def __init__(self, cfg: VLConfig):
         super().__init__()
         self.cfg = cfg
-        n_embed = cfg.language["hidden_size"]
+        lm_config = MoEConfig.from_hf(cfg.language)
+        n_embed = lm_config.hidden_size
         if cfg.high is None:
             self.vision_model = CLIPVisionTower(SigLIPViT(cfg.low), cfg.low_mean, cfg.low_std)
             self.aligner = MlpProjector(cfg.low.width, n_embed, cfg.aligner_depth)
         else:
             self.vision_model = HybridVisionTower(cfg)
             self.aligner = HybridSplitMlpProjector(cfg.high.out_channels, cfg.low.width, n_embed, cfg.aligner_depth)
-        self.language_model = MoEForCausalLM(MoEConfig.from_hf(cfg.language))
+        self.language_model = MoEForCausalLM(lm_config)
 
     @property
     def lm(self) -> MoEForCausalLM:

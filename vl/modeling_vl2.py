@@ -98,7 +98,8 @@ class DeepseekVL2(VisionLanguageModel):
     def __init__(self, cfg: VL2Config):
         super().__init__()
         self.cfg = cfg
-        n_embed = cfg.language["hidden_size"]
+        lm_config = MoEConfig.from_hf(cfg.language)
+        n_embed = lm_config.hidden_size
         self.vision = SigLIPViT(cfg.vision)
         self.projector = DownsampleMlpProjector(
             cfg.vision.width, n_embed, cfg.projector_depth, cfg.projector_mlp_ratio, cfg.downsample_ratio
@@ -106,7 +107,7 @@ class DeepseekVL2(VisionLanguageModel):
         scale = n_embed**-0.5
         self.image_newline = nn.Parameter(torch.randn(n_embed) * scale)
         self.view_seperator = nn.Parameter(torch.randn(n_embed) * scale)
-        self.language = MoEForCausalLM(MoEConfig.from_hf(cfg.language))
+        self.language = MoEForCausalLM(lm_config)
 
     @property
     def lm(self) -> MoEForCausalLM:
