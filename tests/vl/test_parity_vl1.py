@@ -249,3 +249,16 @@ def test_sharded_checkpoint_loads(vlh, tmp_path):
     batch = processor([{"role": "user", "content": "<image_placeholder>Hi"}], [vlh.noise_image(40, 40)])
     with torch.no_grad():
         assert torch.equal(one(batch).logits, many(batch).logits)
+
+
+def test_vl1_chat_streams_the_greedy_reply(vlh, tmp_path):
+    _save(vlh, tmp_path, hybrid=True, tie=True)
+    model, processor = vl.load(tmp_path)
+    conv = [{"role": "user", "content": "<image_placeholder>Describe the image."}]
+    images = [vlh.noise_image(90, 120)]
+    pieces = list(vl.chat(model, processor, conv, images, max_new_tokens=10))
+    ids = model.generate(processor(conv, images), max_new_tokens=10, eos_token_id=processor.eos_id)[0].tolist()
+    ids = ids[: ids.index(processor.eos_id)] if processor.eos_id in ids else ids
+    assert "".join(pieces) == processor.tokenizer.decode(ids, skip_special_tokens=False)
+    with pytest.raises(ValueError, match="one conversation"):
+        next(vl.chat(model, processor, [conv, conv], [images, images]))

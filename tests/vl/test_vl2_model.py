@@ -263,3 +263,11 @@ def test_cuda_matches_cpu(vlh, vl2_checkpoint):
         assert (got - expected).abs().max() < 1e-3
         bf16, _ = vl.load(vl2_checkpoint, dtype=torch.bfloat16, device="cuda")
         assert torch.isfinite(bf16(batch.to("cuda")).logits.float()).all()
+
+
+def test_load_passes_input_limits_to_the_processor(vlh, vl2_checkpoint):
+    _, processor = vl.load(vl2_checkpoint, max_pixels=50 * 50, tag_policy="fix")
+    with pytest.raises(vl.ImageLoadError, match="max_pixels=2500"):
+        processor(USER_IMAGE, [vlh.noise_image(60, 60)])
+    fixed = processor([{"role": "user", "content": "Describe."}], [vlh.noise_image(50, 50)])
+    assert int(fixed.images_seq_mask.sum()) == vl.VL2ImageProcessor(tile_size=56).token_count((1, 1))
