@@ -8,6 +8,7 @@ string; nothing is hard-coded.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -99,10 +100,18 @@ def _is_batch(conversation) -> bool:
     return isinstance(conversation, list) and bool(conversation) and isinstance(conversation[0], list)
 
 
-class _Processor:
+class _Processor(ABC):
     """Shared batching: per-sample tokenisation is left to the VL1 / VL2 subclasses."""
 
     image_tag: str
+
+    @abstractmethod
+    def process_one(self, messages: list[Message], images: list[Image.Image]) -> dict:
+        """One conversation -> {"ids", "image_mask", "pixels", ...} for `collate`."""
+
+    @abstractmethod
+    def collate(self, samples: list[dict]) -> VLBatch:
+        """Samples -> one left-padded batch."""
 
     def __init__(self, tokenizer, max_pixels: int = DEFAULT_MAX_PIXELS, tag_policy: str = "error"):
         self.tokenizer = tokenizer
@@ -111,6 +120,8 @@ class _Processor:
         self.image_token_id = token_id(tokenizer, self.image_tag)
         self.bos_id = tokenizer.bos_token_id
         self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise ValueError("the tokenizer has no EOS token")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
 
     def encode(self, text: str) -> list[int]:
