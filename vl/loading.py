@@ -19,6 +19,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig
 
 from shared_moe import CheckpointMismatchError, read_safetensors
+from shared_moe.checkpoint import check_tensors
 
 from .batch import VisionLanguageModel
 from .image_io import DEFAULT_MAX_PIXELS
@@ -305,34 +306,11 @@ def load_tensors(model: VisionLanguageModel, tensors: dict[str, torch.Tensor], l
     for k, v in own.items():  # a scalar stored as () or (1,)
         if k in expected and v.numel() == 1 == expected[k].numel():
             own[k] = v.reshape(expected[k].shape)
-    missing = sorted(set(expected) - set(own))
-    unexpected = sorted(set(own) - set(expected))
-    misshaped = sorted(
-        f"{k}: checkpoint {tuple(own[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(own) & set(expected)
-        if own[k].shape != expected[k].shape
-    )
-    if missing or unexpected or misshaped:
-        report = [
-            f"{len(v)} {t}: {', '.join(v)}"
-            for t, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-            if v
-        ]
-        raise CheckpointMismatchError("vision/projector tensors do not match the config; " + "; ".join(report))
+    check_tensors(expected, own, "vision/projector tensors do not match the config")
     with torch.no_grad():
         for k, target in expected.items():
             target.copy_(own[k])
-    lm = model.lm
-    tied = lm.config.tie_word_embeddings
-    if tied:
-        # shared_moe's loader drops `lm_head.weight` for tied configs yet still expects it in the
-        # state dict; load as untied with the head = the embedding (the parameter stays shared).
-        lm_tensors.setdefault("lm_head.weight", lm_tensors.get("model.embed_tokens.weight"))
-        lm.config.tie_word_embeddings = False
-    try:
-        lm.load_hf_state_dict(lm_tensors)
-    finally:
-        lm.config.tie_word_embeddings = tied
+    model.lm.load_hf_state_dict(lm_tensors)
 
 
 def load(

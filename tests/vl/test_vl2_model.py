@@ -37,8 +37,8 @@ def test_mismatched_checkpoint_is_one_clear_error(vlh, tmp_path):
     with pytest.raises(vl.loading.CheckpointMismatchError) as err:
         vl.load(path)
     message = str(err.value)
-    assert "missing: image_newline" in message and "unexpected: vision.extra" in message
-    assert "projector.layers.0.weight" in message and "mis-shaped" in message
+    assert "1 missing:\n  image_newline" in message and "1 unexpected:\n  vision.extra" in message
+    assert "1 mis-shaped:\n  projector.layers.0.weight" in message
 
 
 def test_image_embeddings_land_in_layout_order(vlh, loaded):
