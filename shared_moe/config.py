@@ -188,21 +188,27 @@ def _rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
 
 _MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     # Llama-shaped dense models: DeepSeek LLM 7B, DeepSeek-Prover-V1.5/V2-7B, DeepSeek-VL's language model.
-    "llama": dict(use_mla=False, rms_norm_eps=1e-6, n_routed_experts=0, rope_interleave=False),
+    "llama": dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        use_mla=False, rms_norm_eps=1e-6, n_routed_experts=0, rope_interleave=False, max_position_embeddings=2048,
+    ),
     # DeepSeekMoE-16B (remote code): MHA with rotate-half RoPE, softmax greedy routing, shared experts.
     "deepseek": dict(
+        vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=30, num_attention_heads=32,
         use_mla=False, rope_interleave=False, topk_method="greedy", scoring_func="softmax", norm_topk_prob=False,
         n_shared_experts=0, moe_layer_freq=1, first_k_dense_replace=0, routed_scaling_factor=1.0,
     ),
     # transformers DeepseekV2Config defaults.
     "deepseek_v2": dict(
-        use_mla=True, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        max_position_embeddings=2048, use_mla=True, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
         v_head_dim=128, n_routed_experts=64, n_shared_experts=2, moe_intermediate_size=1407,
         first_k_dense_replace=0, topk_method="greedy", routed_scaling_factor=1.0, norm_topk_prob=False,
         rope_interleave=True,
     ),
     # transformers DeepseekV3Config defaults.
     "deepseek_v3": dict(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, num_hidden_layers=61, num_attention_heads=128,
         use_mla=True, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
         v_head_dim=128, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8,
         moe_intermediate_size=2048, first_k_dense_replace=3, n_group=8, topk_group=4, norm_topk_prob=True,

@@ -96,3 +96,10 @@ def test_mha_moe_model_decodes_consistently():
         steps = [out.logits] + [model(ids[:, t : t + 1], cache=out.cache).logits for t in range(5, 9)]
     assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
     assert out.cache.nbytes() == 2 * 2 * 9 * 4 * 8 * 2 * 4  # layers x (K and V) x tokens x heads x dim x batch x fp32
+
+
+def test_missing_fields_take_the_model_types_defaults():
+    llama = MoEConfig.from_hf({"model_type": "llama", "vocab_size": 102400})
+    assert (llama.hidden_size, llama.num_attention_heads, llama.num_key_value_heads) == (4096, 32, 32)
+    v2 = MoEConfig.from_hf({"model_type": "deepseek_v2"})
+    assert v2.use_mla and v2.q_lora_rank == 1536 and v2.num_attention_heads == 32
