@@ -119,7 +119,7 @@ class Experts(nn.Module):
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts)
         offsets = counts.cumsum(0).to(torch.int32)
-        rows = x[order // top_k]
+        rows = x.index_select(0, order // top_k)  # backward is one index_add, not an accumulating index_put
         gate, up = grouped_linear(rows, self.gate_up_proj, counts, offsets).chunk(2, dim=-1)
         out_sorted = grouped_linear(F.silu(gate) * up, self.down_proj, counts, offsets)
         out = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)
