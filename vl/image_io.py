@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
 import warnings
 from pathlib import Path
 
@@ -19,6 +20,8 @@ DEFAULT_MAX_PIXELS = 64_000_000  # ~8000x8000; far above any tiling candidate, f
 ALPHA_BACKGROUND = (255, 255, 255)
 
 ImageInput = str | Path | bytes | io.IOBase | Image.Image
+# What PIL's format plugins raise on data cut short or corrupt, in the header or in the pixel data.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
 
 
 class ImageLoadError(ValueError):
@@ -59,6 +62,9 @@ def _open(source: ImageInput) -> Image.Image:
         raise ImageLoadError(f"{name} is too large to decode safely: {e}") from e
     except UnidentifiedImageError as e:
         raise ImageLoadError(f"{name} is not a recognised image format") from e
+    except _DECODE_ERRORS as e:
+        # Data cut off inside the header: PIL raises whatever its format plugin hits first.
+        raise ImageLoadError(f"{name} is truncated or corrupt: {e}") from e
 
 
 def _to_rgb(img: Image.Image, alpha_background: tuple[int, int, int]) -> Image.Image:
@@ -106,7 +112,7 @@ def load_image(
         img.seek(0)
     try:
         img.load()
-    except OSError as e:
+    except _DECODE_ERRORS as e:
         raise ImageLoadError(f"image data is truncated or corrupt: {e}") from e
     img = ImageOps.exif_transpose(img)
     return _to_rgb(img, alpha_background)
