@@ -252,14 +252,18 @@ class VL2ChatProcessor(_Processor):
         ids = [self.bos_id] if self.bos_id is not None else []
         mask = [False] * len(ids)
         views, grids, cursor = [], [], 0
-        system = self.system_prompt
+        # The reference encodes a system *message* on its own; the template's system prompt (used only
+        # when there is no system message) is glued to the first user turn with the "\n\n" separator.
+        template_system = self.system_prompt
         if messages[0].role == "system":
-            system, messages = messages[0].content, messages[1:]
+            ids += self.encode(messages[0].content.strip())
+            mask += [False] * (len(ids) - len(mask))
+            template_system, messages = "", messages[1:]
         for idx, m in enumerate(messages):
             if m.role == "user":
                 text = f"<|User|>: {m.content.strip()}\n\n<|Assistant|>:"
-                if idx == 0 and system:
-                    text = f"{system}\n\n{text}"
+                if idx == 0 and template_system:
+                    text = f"{template_system}\n\n{text}"
                 n_tags = text.count(self.image_tag)
                 part = self.tokenize_with_images(text, images[cursor : cursor + n_tags], len(images))
                 cursor += n_tags
@@ -267,6 +271,10 @@ class VL2ChatProcessor(_Processor):
                 mask += part[1]
                 views += part[2]
                 grids += part[3]
+            elif self.image_tag in m.content:
+                raise ImageTagMismatchError(
+                    f"an assistant message cannot contain {self.image_tag}: images belong to user turns"
+                )
             elif m.content.strip() or idx < len(messages) - 1:
                 seg = self.encode(m.content.strip()) + [self.eos_id]
                 ids += seg

@@ -81,6 +81,34 @@ def test_vl2_format_messages_v2(vlh, vl2_proc):
     assert batch.pixel_values.shape == (1, 5, 3, TILE, TILE)
 
 
+def test_vl2_system_message_is_its_own_segment_and_template_system_joins_the_first_turn(vlh, vl2_proc):
+    tok = vl2_proc.tokenizer
+
+    def enc(text):
+        return tok.encode(text, add_special_tokens=False)
+
+    turn = [{"role": "user", "content": "Hi"}]
+    with_message = vl2_proc([{"role": "system", "content": " Be brief. "}] + turn).input_ids[0].tolist()
+    assert with_message == [tok.bos_token_id] + enc("Be brief.") + enc("<|User|>: Hi\n\n<|Assistant|>:")
+    templated = VL2ChatProcessor(tok, vl2_proc.image_processor, system_prompt="Be brief.")
+    assert templated(turn).input_ids[0].tolist() == [tok.bos_token_id] + enc(
+        "Be brief.\n\n<|User|>: Hi\n\n<|Assistant|>:"
+    )
+    # An explicit system message replaces the template's system prompt rather than adding to it.
+    assert templated([{"role": "system", "content": "Be brief."}] + turn).input_ids[0].tolist() == with_message
+
+
+def test_vl2_image_tag_in_an_assistant_turn_is_an_error(vlh, vl2_proc):
+    img = vlh.noise_image(56, 56)
+    conv = [
+        {"role": "user", "content": "<image> what is it?"},
+        {"role": "assistant", "content": "It is <image>."},
+        {"role": "user", "content": "Sure?"},
+    ]
+    with pytest.raises(vl.ImageTagMismatchError, match="assistant message cannot contain <image>"):
+        vl2_proc(conv, [img, img])
+
+
 def test_vl2_more_than_two_images_are_not_tiled(vlh, vl2_proc):
     imgs = [vlh.noise_image(112, 112, seed=s) for s in range(3)]
     batch = vl2_proc([{"role": "user", "content": "<image><image><image> same?"}], imgs)
