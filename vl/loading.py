@@ -145,14 +145,14 @@ def hf_siglip_config(v: dict) -> SigLIPConfig:
     )
 
 
-def vl1_hf_config(cfg: dict, preprocessor: dict) -> VLConfig:
+def vl1_hf_config(cfg: dict, preprocessor: dict, tokenizer_image_id: int) -> VLConfig:
     language = dict(cfg["text_config"])
     # transformers' VL ports tie at the top level; the file then has no lm_head (see load_tensors).
     language["tie_word_embeddings"] = cfg.get("tie_word_embeddings", language.get("tie_word_embeddings", False))
     low = hf_siglip_config(cfg["vision_config"])
     common = dict(
         language=language,
-        image_token_id=cfg.get("image_token_id", 100015),
+        image_token_id=cfg.get("image_token_id", tokenizer_image_id),
         low=low,
         low_mean=tuple(preprocessor.get("image_mean", SIGLIP_MEAN)),
         low_std=tuple(preprocessor.get("image_std", SIGLIP_STD)),
@@ -332,10 +332,11 @@ def load(
     opts = dict(max_pixels=max_pixels, tag_policy=tag_policy)
 
     if kind in ("multi_modality", "deepseek_vl", "deepseek_vl_hybrid"):
+        tokenizer_image_id = token_id(tokenizer, VLChatProcessor.image_tag)
         if kind == "multi_modality":
-            vcfg = vl1_original_config(cfg, token_id(tokenizer, VLChatProcessor.image_tag))
+            vcfg = vl1_original_config(cfg, tokenizer_image_id)
         else:
-            vcfg = vl1_hf_config(cfg, preprocessor)
+            vcfg = vl1_hf_config(cfg, preprocessor, tokenizer_image_id)
             tensors = hf_to_original(tensors, hybrid=kind == "deepseek_vl_hybrid")
         model = materialize(DeepseekVL, vcfg, device, dtype)
         load_tensors(model, tensors, "language_model.")
