@@ -200,4 +200,6 @@ class SAMEncoder(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x, first_global = self.encode(pixels)
         hd = self.neck_hd(first_global.permute(0, 3, 1, 2))
-        return self.downsample(x) + self.downsample(hd) * self.hd_alpha_downsamples
+        # The reference downsamples both maps and then blends them. Resize and convs are linear (no bias,
+        # no activation), so blending first gives the same result with one pass instead of two.
+        return self.downsample(x + hd * self.hd_alpha_downsamples)
