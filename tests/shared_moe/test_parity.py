@@ -93,3 +93,21 @@ def test_mla_cache_holds_only_latent_and_rope_key(tiny_checkpoint):
         per_token = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         element = torch.finfo(dtype).bits // 8
         assert out.cache.nbytes() == 2 * cfg.num_hidden_layers * tokens * per_token * element
+
+
+@pytest.mark.parametrize("kind", ["v3", "v2"])
+def test_decode_attends_in_latent_space_without_reprojecting_the_cache(tiny_checkpoint, kind):
+    """Single-token decode must use the absorbed form: kv_b_proj never runs over cached latents."""
+    hf, folder = tiny_checkpoint(kind)
+    model = shared_moe.from_pretrained(folder)
+    projected_rows = []
+    for layer in model.model.layers:
+        layer.self_attn.kv_b_proj.register_forward_hook(lambda m, inp, out: projected_rows.append(inp[0].shape[1]))
+    ids = torch.randint(2, 96, (2, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        out = model(ids[:, :8])
+        assert projected_rows == [8] * hf.config.num_hidden_layers  # prefill expands once, as transformers does
+        projected_rows.clear()
+        for t in range(8, 12):
+            out = model(ids[:, t : t + 1], cache=out.cache)
+    assert projected_rows == []
