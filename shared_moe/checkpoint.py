@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -90,18 +91,25 @@ def strip_language_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
     }
 
 
-def dequantize_all(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def dequantize_all(tensors: dict[str, torch.Tensor], dtype: torch.dtype, problems: list[str]) -> dict[str, torch.Tensor]:
+    """Every FP8 weight with a `weight_scale_inv` becomes `dtype`; an orphan scale is recorded in `problems`."""
     out = dict(tensors)
     for key in [k for k in tensors if k.endswith(".weight_scale_inv")]:
         weight_key = key.removesuffix("_scale_inv")
+        scale = out.pop(key)
         if weight_key not in out:
-            raise CheckpointMismatchError(f"{key} has no matching {weight_key}")
-        out[weight_key] = dequantize_fp8(out[weight_key], out.pop(key), dtype)
+            problems.append(f"{key} has no matching {weight_key}")
+            continue
+        out[weight_key] = dequantize_fp8(out[weight_key], scale, dtype)
     return out
 
 
-def fuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-expert gate/up/down matrices -> fused gate_up_proj (E, 2I, d) and down_proj (E, d, I)."""
+def fuse_experts(tensors: dict[str, torch.Tensor], problems: list[str]) -> dict[str, torch.Tensor]:
+    """Per-expert gate/up/down matrices -> fused gate_up_proj (E, 2I, d) and down_proj (E, d, I).
+
+    A layer whose experts are incomplete or of unequal shapes is recorded in `problems` and left unfused,
+    so the final report also lists its fused keys as missing.
+    """
     groups: dict[str, dict[str, dict[int, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
     out = {}
     for key, value in tensors.items():
@@ -112,11 +120,15 @@ def fuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         else:
             out[key] = value
     for prefix, projs in groups.items():
-        counts = {len(v) for v in projs.values()}
         num = max(max(v) for v in projs.values()) + 1
-        if set(projs) != {"gate", "up", "down"} or counts != {num}:
+        if set(projs) != {"gate", "up", "down"} or {len(v) for v in projs.values()} != {num}:
             have = {p: sorted(v) for p, v in projs.items()}
-            raise CheckpointMismatchError(f"{prefix}: incomplete per-expert weights, found experts {have}")
+            problems.append(f"{prefix}: incomplete per-expert weights, found experts {have}")
+            continue
+        shapes = {p: {tuple(t.shape) for t in v.values()} for p, v in projs.items()}
+        if any(len(s) > 1 for s in shapes.values()) or shapes["gate"] != shapes["up"]:
+            problems.append(f"{prefix}: experts of unequal shapes {dict(sorted(shapes.items()))}")
+            continue
         gate = torch.stack([projs["gate"][e] for e in range(num)])
         up = torch.stack([projs["up"][e] for e in range(num)])
         out[f"{prefix}.gate_up_proj"] = torch.cat([gate, up], dim=1)
@@ -144,8 +156,13 @@ def rename_mtp_layers(tensors: dict[str, torch.Tensor], num_hidden_layers: int, 
     return out
 
 
-def check_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], title: str) -> None:
-    """Raise one CheckpointMismatchError listing every missing, unexpected and mis-shaped tensor."""
+def check_tensors(
+    expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], title: str, problems: Sequence[str] = ()
+) -> None:
+    """Raise one CheckpointMismatchError listing every missing, unexpected and mis-shaped tensor.
+
+    `problems` are what earlier conversion steps (FP8 scales, expert fusing) could not make sense of.
+    """
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     misshaped = sorted(
@@ -155,7 +172,12 @@ def check_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Te
     )
     parts = [
         f"{len(items)} {label}:\n  " + "\n  ".join(items)
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+        for label, items in (
+            ("unusable", list(problems)),
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("mis-shaped", misshaped),
+        )
         if items
     ]
     if parts:
@@ -166,8 +188,9 @@ def load_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Check names and shapes against the model, then copy. One error lists every problem."""
     config = model.config
     dtype = model.dtype
-    tensors = dequantize_all(strip_language_prefix(tensors), dtype if dtype.is_floating_point else torch.bfloat16)
-    tensors = fuse_experts(tensors)
+    problems: list[str] = []
+    target_dtype = dtype if dtype.is_floating_point else torch.bfloat16
+    tensors = fuse_experts(dequantize_all(strip_language_prefix(tensors), target_dtype, problems), problems)
     tensors = rename_mtp_layers(tensors, config.num_hidden_layers, keep=len(model.mtp_layers) > 0)
     if config.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
         # One shared parameter answers to both names; the embedding is the source of truth.
@@ -179,7 +202,7 @@ def load_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             tensors[head] = tensors["lm_head.weight"]
 
     expected = model.state_dict()
-    check_tensors(expected, tensors, "checkpoint does not match the model config")
+    check_tensors(expected, tensors, "checkpoint does not match the model config", problems)
     with torch.no_grad():
         for name, target in expected.items():
             target.copy_(tensors[name])

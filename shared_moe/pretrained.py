@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import mtp_layer_count, read_safetensors
+from .checkpoint import mtp_layer_count, read_safetensors, strip_language_prefix
 from .config import MoEConfig
 from .model import MoEForCausalLM
 
@@ -43,8 +43,7 @@ def from_pretrained(
     raw_config = json.loads((path / "config.json").read_text())
     config = MoEConfig.from_hf(raw_config)
     tensors = read_safetensors(path, allow_pickle=allow_pickle)
-    if "language_config" in raw_config:
-        tensors = {k.removeprefix("language."): v for k, v in tensors.items() if k.startswith("language.")}
+    tensors = strip_language_prefix(tensors)  # VL2: the LM lives under `language.` beside the vision tower
     dtype = dtype or _default_dtype(config, raw_config, tensors)
     device = torch.device(device or "cpu")
     num_mtp = mtp_layer_count(tensors, config.num_hidden_layers) if load_mtp else 0

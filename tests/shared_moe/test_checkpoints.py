@@ -115,13 +115,21 @@ def test_mismatched_checkpoint_lists_every_problem(tiny_checkpoint):
     assert "lm_head.weight: checkpoint (5, 64)" in message
 
 
-def test_missing_expert_is_reported(tiny_checkpoint):
+def test_expert_and_fp8_problems_are_reported_together_with_the_rest(tiny_checkpoint):
     _, folder = tiny_checkpoint("v3")
     tensors = load_file(folder / "model.safetensors")
     del tensors["model.layers.2.mlp.experts.5.up_proj.weight"]
+    tensors["model.layers.1.mlp.experts.3.down_proj.weight"] = torch.zeros(64, 31)
+    tensors["model.layers.1.self_attn.ghost.weight_scale_inv"] = torch.ones(1, 1)
+    del tensors["model.norm.weight"]
     save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(CheckpointMismatchError, match="model.layers.2.mlp.experts: incomplete"):
+    with pytest.raises(CheckpointMismatchError) as info:
         shared_moe.from_pretrained(folder)
+    message = str(info.value)
+    assert "model.layers.2.mlp.experts: incomplete per-expert weights" in message
+    assert "model.layers.1.mlp.experts: experts of unequal shapes" in message and "(64, 31)" in message
+    assert "model.layers.1.self_attn.ghost.weight_scale_inv has no matching" in message
+    assert "model.norm.weight" in message and "model.layers.2.mlp.experts.gate_up_proj" in message
 
 
 def test_pickle_weights_refused_unless_opted_in(tiny_checkpoint, tmp_path):
