@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .dataset import Problem
 from .leantext import find_top_level
-from .textguard import blank_comments_and_strings
+from .textguard import lex
 
 
 class PinError(ValueError):
@@ -75,6 +75,19 @@ def _helpers(preamble: str, blanked: str, header: str) -> str:
     return "\n".join(kept).strip("\n")
 
 
+def _blanked(text: str) -> str:
+    """The text with comments and literals blanked; refused where the blanking could misread Lean.
+
+    Declarations and helper lines are found on the blanked text only, so a misread literal would let
+    commands pass as the inside of a helper (fail closed, see `textguard.Lexed`).
+    """
+    lexed = lex(text)
+    if lexed.problems:
+        offset, why = lexed.problems[0]
+        raise PinError(f"line {text.count(chr(10), 0, offset) + 1}: {why}")
+    return lexed.blanked
+
+
 def pin(problem: Problem, candidate: Candidate) -> PinnedFile:
     statement = problem.formal_statement
     if not statement.rstrip().endswith(":= by"):
@@ -84,7 +97,7 @@ def pin(problem: Problem, candidate: Candidate) -> PinnedFile:
         body = candidate.text if candidate.text.startswith(("\n", " ")) else "\n" + candidate.text
         return PinnedFile(head + body, body)
     text = candidate.text
-    blanked = blank_comments_and_strings(text)
+    blanked = _blanked(text)
     decls = list(decl_pattern(problem.name).finditer(blanked))
     if not decls:
         raise PinError(f"the output never states `theorem {problem.name}`")

@@ -6,8 +6,8 @@ import pytest
 from prover.checker import CheckConfig, Checker
 from prover.dataset import DEFAULT_HEADER, Problem, load_minif2f
 from prover.kimina import KiminaBackend, KiminaConfig
-from prover.pinning import Candidate, pin
-from prover.textguard import GuardPolicy
+from prover.pinning import Candidate, PinError, pin
+from prover.textguard import GuardPolicy, blank_comments_and_strings, lex, scan
 from prover.verdict import Status
 
 STATEMENT = "theorem t (x : ℝ) (h : 2 * x = 4) : x = 2 := by\n"
@@ -147,3 +147,71 @@ def test_rules_are_configurable(checker):
     assert lenient.check(PROBLEM, file("have : 2 ^ 61 % 7 = 2 := by native_decide", "linarith")).verdict.complete
     with pytest.raises(ValueError, match="unknown guard rule"):
         GuardPolicy(allowed=frozenset({"no_such_rule"}))
+
+
+# G1: literals the lexer must read like Lean does, or refuse (see textguard.lex).
+SMUGGLED = ("#eval show Lean.Elab.Command.CommandElabM Unit from Lean.modifyEnv fun env => env\n"
+            "set_option debug.skipKernelTC true\n"
+            "local instance : Add ℕ := ⟨Nat.mul⟩\n")
+QUOTE_CHAR_SMUGGLE = ("lemma aux1 : ('\"').toNat = 34 := by decide\n" + SMUGGLED
+                      + "lemma aux2 : ('\"').toNat = 34 := by decide\n\n")
+RAW_STRING_SMUGGLE = ('lemma aux1 : r#"a"b"#.length = 3 := by decide\n' + SMUGGLED
+                      + 'lemma aux2 : r#"c"d"#.length = 3 := by decide\n\n')
+
+
+@pytest.mark.parametrize("before", [QUOTE_CHAR_SMUGGLE, RAW_STRING_SMUGGLE], ids=["char", "raw"])
+def test_literals_cannot_hide_commands_from_pin_and_text_layer(checker, before):
+    cand = file("linarith", before=before)
+    with pytest.raises(PinError, match="not allowed"):
+        pin(PROBLEM, cand)
+    rules = {f.rule for f in scan(cand.text)}
+    assert {"#eval", "meta API", "set_option debug", "instance"} <= rules
+    assert checker.check(PROBLEM, cand).verdict.reason.startswith("pin:")
+
+
+@pytest.mark.parametrize("proof", [
+    "exact (r\"\\\").length = 1 |>.elim\n  #eval Lean.modifyEnv fun env => env -- \"",
+    "have : ('\"').toNat = 34 := by decide\n  set_option debug.skipKernelTC true in\n  exact ('\"').elim",
+])
+def test_literals_cannot_hide_code_in_a_completion(checker, proof):
+    verdict = checker.check(PROBLEM, completion("  " + proof + "\n")).verdict
+    assert verdict.status is Status.REJECTED and verdict.reason.startswith("text:"), verdict.reason
+
+
+def test_doc_comment_opener_is_not_closed_by_its_own_dash():
+    """`/--/` opens a doc comment in Lean; reading `-/` inside it as a close would expose the wrong text."""
+    text = '/--/ " -/\n#eval 1\n-- "\n'
+    assert "#eval" in blank_comments_and_strings(text)
+    assert [f.rule for f in scan(text)] == ["#eval"]
+
+
+@pytest.mark.parametrize("text,why", [
+    ('have : "ab\ncd".length = 5 := rfl', "line break"),
+    ("have : 'a'.toNat = 97 := by decide /- open", "unterminated"),
+    ('have := s!"{show False from sorry}"', "interpolat"),
+    ("exact (2'-'-'\"').elim", "character literal"),
+    ("exact (sᶜ'\"').elim", "character literal"),  # `ᶜ` is a token, not part of the name `s`
+    ('exact (x.r"a\\" b").elim', "raw string"),
+    ("exact «x\"y", "unterminated"),
+])
+def test_lexer_fails_closed_on_what_it_might_misread(text, why):
+    findings = scan(text)
+    assert findings and findings[0].rule == "lexer" and why in findings[0].why, findings
+    with pytest.raises(PinError, match=why):
+        pin(PROBLEM, file(text))
+
+
+def test_primes_chars_and_strings_in_legit_code_pass(checker):
+    helper = "lemma aux (x' : ℝ) (h' : 2 * x' = 4) : x' = 2 := by\n  linarith\n\n"
+    cand = file("have h'' := h", "have c : 'a'.toNat = 97 := by decide", "have n : '\\n'.toNat = 10 := by decide",
+                "have s : \"it's -- /- x'\".length = 13 := by decide", "exact aux x h''", before=helper)
+    assert scan(cand.text) == []
+    assert checker.check(PROBLEM, cand).verdict.complete
+
+
+def test_mathlib_primed_notation_is_code_not_a_literal():
+    text = "∑' i, f i = f '' s ∪ g ⁻¹' t ∧ h' x' = 'x' ∧ r#\"q\"#.length = 1 ∧ ('\\x41', '\\u{3b1}') = p"
+    blanked = blank_comments_and_strings(text)
+    assert blanked.startswith("∑' i, f i = f '' s ∪ g ⁻¹' t ∧ h' x' =     ∧ ")
+    assert "'" not in blanked[text.index("∧ r#"):] and "q" not in blanked
+    assert lex(text).problems == ()
