@@ -8,9 +8,10 @@ from pathlib import Path
 
 from .backends import BackendConfig, BackendNotConfigured, make_backend
 from .checker import CheckConfig, Checker
-from .dataset import VARIANT_FILES, load_few_shot, load_minif2f, statement_set_digest
+from .dataset import VARIANT_FILES, Problem, load_few_shot, load_minif2f, statement_set_digest
 from .prompts import STYLES
-from .textguard import GuardPolicy
+from .textguard import GuardPolicy, scan
+from .verdict import Status, Verdict
 
 
 def _add_backend_args(ap: argparse.ArgumentParser) -> None:
@@ -85,18 +86,44 @@ def cmd_prove(args) -> int:
     return 0
 
 
+def _problem(variant: str, name: str) -> Problem:
+    problem = {p.name: p for p in load_minif2f(variant)}.get(name)
+    if problem is None:
+        raise ValueError(f"no problem named {name!r} in variant {variant}")
+    return problem
+
+
+def _audited_theorem(args) -> str:
+    """The theorem `verify` audits; without one the axiom audit cannot run, so there is no verdict."""
+    if args.problem and args.theorem and args.theorem != args.problem:
+        raise ValueError(f"--theorem {args.theorem} and --problem {args.problem} name different theorems")
+    name = args.problem or args.theorem
+    if not name:
+        raise ValueError("verify needs --theorem NAME (the theorem whose axioms are audited) "
+                         "or --problem NAME (a miniF2F statement to pin the file to)")
+    return name
+
+
+def _check_file(checker: Checker, text: str, theorem: str) -> Verdict:
+    """An unpinned file gets every other layer: text layer, Lean, axiom audit of `theorem`."""
+    findings = scan(text, checker.config.guard)
+    if findings:
+        return Verdict(Status.REJECTED, f"text: {findings[0]}")
+    return checker.check_code(text, theorem)
+
+
 def cmd_verify(args) -> int:
     from .pinning import Candidate
 
-    checker, _ = _checker(args)
+    theorem = _audited_theorem(args)
+    problem = _problem(args.variant, args.problem) if args.problem else None
     text = args.file.read_text(encoding="utf-8")
+    checker, _ = _checker(args)
     try:
-        if args.problem:
-            problem = {p.name: p for p in load_minif2f(args.variant)}[args.problem]
-            checked = checker.check(problem, Candidate(text, "file"))
-            verdict = checked.verdict
+        if problem:
+            verdict = checker.check(problem, Candidate(text, "file")).verdict
         else:
-            verdict = checker.backend.verify(text, args.timeout, theorem=args.theorem)
+            verdict = _check_file(checker, text, theorem)
     finally:
         checker.backend.close()
     print(json.dumps(verdict.to_json(), indent=1, ensure_ascii=False))
@@ -107,9 +134,7 @@ def cmd_decompose(args) -> int:
     from .decompose import DecomposeConfig, DecompositionError, Ledger, prove_by_decomposition
     from .generators import PortfolioGenerator
 
-    problem = {p.name: p for p in load_minif2f(args.variant)}.get(args.problem)
-    if problem is None:
-        raise ValueError(f"no problem named {args.problem!r} in variant {args.variant}")
+    problem = _problem(args.variant, args.problem)
     checker, _ = _checker(args)
     ledger = Ledger()
     config = DecomposeConfig(recursive=not args.substitute_only, strategy=args.strategy,
@@ -166,10 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_args(p)
     p.set_defaults(func=cmd_prove)
 
-    v = sub.add_parser("verify", help="check one Lean file")
+    v = sub.add_parser("verify", help="check one Lean file: text layer, Lean, axiom audit")
     v.add_argument("file", type=Path)
-    v.add_argument("--problem", help="pin the file to this miniF2F statement and run the text layer")
-    v.add_argument("--theorem", help="audit this theorem's axioms (without --problem)")
+    v.add_argument("--problem", help="pin the file to this miniF2F statement (and audit it)")
+    v.add_argument("--theorem", help="audit this theorem's axioms; needed without --problem")
     v.add_argument("--variant", choices=sorted(VARIANT_FILES), default="deepseek_v15")
     v.add_argument("--allow-unaudited", action="store_true")
     _add_backend_args(v)

@@ -27,7 +27,7 @@ def test_no_backend_is_an_error_that_explains_setup(capsys):
         make_backend(BackendConfig())
     text = str(err.value)
     assert "elan" in text and "v4.9.0-rc1" in text and "2f65ba7f" in text and "--kimina-url" in text
-    assert main(["verify", "/dev/null"]) == 2
+    assert main(["verify", "/dev/null", "--theorem", "t"]) == 2
     assert "never reports a proof as verified" in capsys.readouterr().err
 
 
