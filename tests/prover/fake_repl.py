@@ -7,8 +7,11 @@ Two modes.
                     text is written back byte for byte. A mismatch goes to stderr and exits 2.
   (default) sim     decides responses from markers in the Lean text so tests are deterministic:
                     `sorry`/`admit` -> sorries entry + sorry warning; `-- FAKE: error TEXT` -> error;
-                    `-- FAKE: sleep S`, `crash`, `oom`, `stderr N`, `garbage`; `#print axioms N` ->
-                    info listing the axioms the fake attributes to N; `#exit` ends the command text.
+                    `-- FAKE: sleep S`, `crash`, `oom`, `stderr N`, `garbage`;
+                    `#print axioms N` -> info listing the axioms the fake attributes to N; `#exit`
+                    ends the command text. Once a command with imports has run, a proof command
+                    must carry that header's env: without `env`, or on a proof's env, it gets an
+                    error message; an unknown env gets {"message": "Unknown environment."}.
 Never shipped: the product does not import this file.
 """
 from __future__ import annotations
@@ -88,6 +91,7 @@ class Sim:
     def __init__(self, args):
         self.args = args
         self.envs: list[dict[str, list[str]]] = []  # env id -> {constant: axioms}
+        self.header_envs: set[int] = set()  # envs made by a command with imports
         self.proof_states: list[str] = []
 
     def handle(self, obj: dict) -> dict | None:
@@ -114,13 +118,16 @@ class Sim:
         self.directives(text)
         code = blank_comments_and_strings(text)
         messages, sorries = [], []
-        if re.search(r"^import\s", code, re.M):
+        is_header = re.search(r"^import\s", code, re.M)
+        if is_header:
             if env is not None:
                 messages.append(self.msg("error", code, code.index("import"), 6,
                                          "invalid 'import' command, it must be used in the beginning of the file"))
             time.sleep(self.args.header_delay)
-        elif DECL_RE.search(code):  # elaborating a proof costs time; a bare `#print axioms` does not
+        elif decl := DECL_RE.search(code):  # elaborating a proof costs time; a bare `#print axioms` does not
             time.sleep(self.args.body_delay)
+            if problem := self.env_problem(env):
+                messages.append(self.msg("error", code, decl.start(), 1, problem))
         for m in re.finditer(r"^\s*--\s*FAKE:\s*error\s+(.*)$", text, re.M):
             messages.append(self.msg("error", text, m.start(), 1, m.group(1)))
         # tactic macros whose expansion is `sorry`: using one is a sorry Lean reports late
@@ -169,7 +176,23 @@ class Sim:
         if not gc:
             self.envs.append(decls)
             reply["env"] = len(self.envs) - 1
+            if is_header:
+                self.header_envs.add(reply["env"])
         return reply
+
+    def env_problem(self, env: int | None) -> str | None:
+        """Why a proof command is not elaborated on an import header's env, once a header has run.
+
+        A real REPL answers such a command too, with errors: without an env the header's imports are
+        missing; on a proof's env the earlier proof's declarations clash or leak into this one.
+        """
+        if not self.header_envs or env in self.header_envs:
+            return None
+        headers = sorted(self.header_envs)
+        if env is None:
+            return f"fake REPL: proof command has no env, so the imports of header env(s) {headers} are missing"
+        return (f"fake REPL: env {env} is not the header's env {headers}; "
+                "this proof would be elaborated on top of an earlier one")
 
     @staticmethod
     def axioms_of(kind: str, name: str, segment: str, decls: dict, text: str) -> list[str]:

@@ -166,3 +166,34 @@ def test_concurrent_verifications_use_every_worker(make_pool):
         th.join()
     assert [v.status for v in results] == [Status.COMPLETE] * 8
     assert pool.restarts == 2
+
+
+def test_fake_runs_proofs_only_on_the_header_env(fake_cmd):
+    """Like a real REPL, a proof without the header's env misses the imports; the fake makes that an error."""
+    body = "theorem u : True := by\n  trivial"
+    proc = ReplProcess(ProcessConfig(fake_cmd()))
+    try:
+        header = proc.request({"cmd": "import Mathlib"}, timeout=10).env
+        proved = proc.request({"cmd": body, "env": header}, timeout=10)
+        assert classify(proved).complete
+        missing = proc.request({"cmd": body}, timeout=10)
+        assert classify(missing).status is Status.LEAN_ERROR and "no env" in missing.messages[0].data
+        reused = proc.request({"cmd": body, "env": proved.env}, timeout=10)
+        assert classify(reused).status is Status.LEAN_ERROR and "not the header's" in reused.messages[0].data
+        unknown = proc.request({"cmd": body, "env": 99}, timeout=10)
+        assert classify(unknown).reason == "Unknown environment."
+        audit = proc.request({"cmd": "#print axioms u", "env": proved.env}, timeout=10)
+        assert classify(audit).complete and "depends on axioms" in audit.messages[0].data
+    finally:
+        proc.close()
+
+
+@pytest.mark.parametrize("wrong", ["dropped", "reused"])
+def test_pool_that_loses_its_header_env_fails_against_the_fake(make_pool, wrong):
+    """A regression that sends no env, or the previous proof's env, must not pass the tests."""
+    pool = make_pool()
+    assert pool.verify(proof("linarith"), timeout=10, theorem="t").complete
+    slot = pool._free[0]
+    slot.header_env = None if wrong == "dropped" else slot.header_env + 1  # env 1: the first proof's
+    v = pool.verify(proof("linarith"), timeout=10, theorem="t")
+    assert v.status is Status.LEAN_ERROR, v
