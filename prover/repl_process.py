@@ -2,16 +2,27 @@
 from __future__ import annotations
 
 import os
-import resource
 import selectors
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
 from .repl_protocol import ProtocolError, Response, encode_request, parse_response
 
 _STDERR_KEEP = 8192  # bytes of stderr kept for diagnostics; the rest is drained and dropped
+_EXIT_GRACE_S = 1.0  # a REPL that closed stdout normally exits at once; one that lingers is killed
+_DRAIN_S = 0.5  # how long to collect the last stderr of a dead process group
+_LIMIT_WRAPPER = """\
+import os, resource, sys
+try:
+    resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]),) * 2)
+    os.execvp(sys.argv[2], sys.argv[2:])
+except (OSError, ValueError) as e:
+    sys.stderr.write(f"cannot start REPL {sys.argv[2:]!r}: {e}\\n")
+    sys.exit(127)
+"""
 
 
 class ReplTimeout(Exception):
@@ -30,8 +41,16 @@ class ProcessConfig:
     env: tuple[tuple[str, str], ...] = ()  # extra environment variables
 
 
-def _limit_memory(limit: int) -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+def _launch_argv(config: ProcessConfig) -> list[str]:
+    """The command, behind a tiny Python that sets RLIMIT_AS and execs it when a limit is asked for.
+
+    `preexec_fn` could set the limit in the forked child, but Python documents it as unsafe while
+    other threads run, and the pool starts REPLs from worker threads. exec keeps the pid, so the
+    session, the group kill and the exit code are still the REPL's own.
+    """
+    if not config.memory_limit_bytes:
+        return list(config.command)
+    return [sys.executable, "-I", "-c", _LIMIT_WRAPPER, str(config.memory_limit_bytes), *config.command]
 
 
 class ReplProcess:
@@ -40,17 +59,15 @@ class ReplProcess:
     def __init__(self, config: ProcessConfig):
         self.config = config
         env = {**os.environ, **dict(config.env)}
-        limit = config.memory_limit_bytes
         try:
             self._proc = subprocess.Popen(
-                list(config.command),
+                _launch_argv(config),
                 cwd=config.cwd,
                 env=env,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
-                preexec_fn=(lambda: _limit_memory(limit)) if limit else None,
             )
         except OSError as e:
             raise ReplDied(f"cannot start REPL {list(config.command)!r}: {e}") from e
@@ -79,8 +96,7 @@ class ReplProcess:
             self._proc.stdin.write(encode_request(payload))
             self._proc.stdin.flush()
         except (BrokenPipeError, OSError) as e:
-            self.kill()
-            raise ReplDied(f"REPL stdin closed: {e}; stderr: {self.stderr_tail[-500:]}") from e
+            raise self._died(f"REPL stdin closed ({e})") from e
         frame = self._read_frame(deadline, timeout)
         try:
             return parse_response(frame)
@@ -97,22 +113,13 @@ class ReplProcess:
             if remaining <= 0:
                 self.kill()
                 raise ReplTimeout(f"no REPL response within {timeout:g} s")
-            events = self._selector.select(remaining)
-            for key, _ in events:
-                chunk = os.read(key.fileobj.fileno(), 65536)
+            for key, _ in self._selector.select(remaining):
                 if key.data == "err":
-                    if chunk:
-                        self._stderr_tail = (self._stderr_tail + chunk)[-_STDERR_KEEP:]
-                    else:
-                        self._selector.unregister(key.fileobj)
-                elif chunk:
+                    self._read_stderr(key)
+                elif chunk := os.read(key.fileobj.fileno(), 65536):
                     self._stdout_buf += chunk
                 else:
-                    self._drain_stderr()
-                    code = self._proc.wait()
-                    self.kill()
-                    raise ReplDied(f"REPL exited with code {code} before answering; "
-                                   f"stderr: {self.stderr_tail[-500:]!r}")
+                    raise self._died("REPL closed stdout before answering")
 
     def _take_frame(self) -> str | None:
         """Pop text up to the first whitespace-only line, skipping leading blank lines."""
@@ -128,28 +135,50 @@ class ReplProcess:
                 return b"\n".join(body).decode("utf-8", "replace")
         return None
 
-    def _drain_stderr(self) -> None:
+    def _read_stderr(self, key: selectors.SelectorKey) -> None:
+        """Keep the tail of what stderr has; stop watching it at EOF."""
+        chunk = os.read(key.fileobj.fileno(), 65536)
+        if chunk:
+            self._stderr_tail = (self._stderr_tail + chunk)[-_STDERR_KEEP:]
+        else:
+            self._selector.unregister(key.fileobj)
+
+    def _died(self, what: str) -> ReplDied:
+        """End a REPL that stopped talking without ever waiting on it unboundedly; say how it ended.
+
+        It may have closed stdout yet keep running (or leave children holding stderr open), so it gets
+        a short grace to exit, then its whole group is killed before stderr is read to EOF.
+        """
+        try:
+            how = f"exited with code {self._proc.wait(timeout=_EXIT_GRACE_S)}"
+        except subprocess.TimeoutExpired:
+            how = "kept running and was killed"
+        self._kill_group()
+        self._proc.wait()
+        self._drain_stderr(time.monotonic() + _DRAIN_S)
+        self.kill()
+        return ReplDied(f"{what}; the process {how}; stderr: {self.stderr_tail[-500:]!r}")
+
+    def _drain_stderr(self, deadline: float) -> None:
+        """Read stderr until EOF or `deadline` (a process outside the group could hold it open)."""
         for key in list(self._selector.get_map().values()):
-            if key.data == "err":
-                try:
-                    while chunk := os.read(key.fileobj.fileno(), 65536):
-                        self._stderr_tail = (self._stderr_tail + chunk)[-_STDERR_KEEP:]
-                except OSError:
-                    pass
+            if key.data == "out":
+                self._selector.unregister(key.fileobj)
+        while self._selector.get_map() and (remaining := deadline - time.monotonic()) > 0:
+            for key, _ in self._selector.select(remaining):
+                self._read_stderr(key)
+
+    def _kill_group(self) -> None:
+        """SIGKILL the REPL's process group: the REPL and anything it spawned, even after it exited."""
+        try:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def kill(self) -> None:
-        """SIGKILL the whole process group (the REPL and anything it spawned) and reap it."""
-        if self._proc.returncode is None:
-            try:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self._proc.wait()
-        else:
-            try:  # the leader is gone, but children it left in the group may survive it
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        """Kill the whole process group, reap the REPL and close the pipes."""
+        self._kill_group()
+        self._proc.wait()
         self._close_pipes()
 
     def close(self) -> None:

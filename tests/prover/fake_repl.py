@@ -7,7 +7,7 @@ Two modes.
                     text is written back byte for byte. A mismatch goes to stderr and exits 2.
   (default) sim     decides responses from markers in the Lean text so tests are deterministic:
                     `sorry`/`admit` -> sorries entry + sorry warning; `-- FAKE: error TEXT` -> error;
-                    `-- FAKE: sleep S`, `crash`, `oom`, `stderr N`, `garbage`;
+                    `-- FAKE: sleep S`, `crash`, `oom`, `stderr N`, `garbage`, `close_stdout`;
                     `#print axioms N` -> info listing the axioms the fake attributes to N; `#exit`
                     ends the command text. Once a command with imports has run, a proof command
                     must carry that header's env: without `env`, or on a proof's env, it gets an
@@ -227,6 +227,10 @@ class Sim:
                 sys.stderr.flush()
             elif kind == "garbage":
                 write("this is not JSON")
+            elif kind == "close_stdout":  # a REPL that stops answering but keeps running (and stderr open)
+                sys.stdout.flush()
+                os.close(1)
+                time.sleep(1000)
 
     @staticmethod
     def msg(severity: str, text: str, offset: int, length: int, data: str) -> dict:

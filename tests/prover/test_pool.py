@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 
 from prover.dataset import DEFAULT_HEADER
 from prover.pool import split_header
-from prover.repl_process import ProcessConfig, ReplProcess
+from prover.repl_process import ProcessConfig, ReplDied, ReplProcess
 from prover.verdict import Status, classify
 
 STATEMENT = "theorem t (x : ℝ) (h : 2 * x = 4) : x = 2 := by\n"
@@ -197,3 +199,44 @@ def test_pool_that_loses_its_header_env_fails_against_the_fake(make_pool, wrong)
     slot.header_env = None if wrong == "dropped" else slot.header_env + 1  # env 1: the first proof's
     v = pool.verify(proof("linarith"), timeout=10, theorem="t")
     assert v.status is Status.LEAN_ERROR, v
+
+
+@pytest.mark.timeout(30)
+def test_repl_that_closes_stdout_but_keeps_running_is_killed_not_awaited(fake_cmd):
+    proc = ReplProcess(ProcessConfig(fake_cmd()))
+    start = time.monotonic()
+    try:
+        with pytest.raises(ReplDied, match="kept running and was killed"):
+            proc.request({"cmd": "theorem u : True := by\n  -- FAKE: close_stdout\n  trivial"}, timeout=20)
+        assert time.monotonic() - start < 10
+        assert _gone(proc.pid)
+    finally:
+        proc.kill()
+
+
+def test_memory_limit_is_set_by_an_exec_wrapper_not_preexec_fn(fake_cmd, monkeypatch):
+    """preexec_fn can deadlock while pool threads run; the REPL must still get the limit and its own session."""
+    popen_kwargs = {}
+    real_popen = subprocess.Popen
+
+    def spy(*args, **kwargs):
+        popen_kwargs.update(kwargs)
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", spy)
+    limit = 768 << 20
+    proc = ReplProcess(ProcessConfig(fake_cmd(), memory_limit_bytes=limit))
+    try:
+        assert proc.request({"cmd": "import Mathlib"}, timeout=10).env == 0
+        assert popen_kwargs.get("preexec_fn") is None and popen_kwargs["start_new_session"]
+        assert re.search(rf"Max address space\s+{limit}\s+{limit}", Path(f"/proc/{proc.pid}/limits").read_text())
+        assert "fake_repl.py" in Path(f"/proc/{proc.pid}/cmdline").read_text()  # exec'd in place: same pid
+        assert os.getsid(proc.pid) == proc.pid
+    finally:
+        proc.close()
+
+
+def test_missing_repl_under_a_memory_limit_is_reported(tmp_path):
+    proc = ReplProcess(ProcessConfig((str(tmp_path / "no-repl"),), memory_limit_bytes=1 << 30))
+    with pytest.raises(ReplDied, match="cannot start REPL"):
+        proc.request({"cmd": "import Mathlib"}, timeout=10)
