@@ -245,7 +245,8 @@ def prove_by_decomposition(problem: Problem, sketch_code: str, checker: Checker,
                 stitched = prove_by_decomposition(lemma, sub.text, checker, solver, config, ledger, sketcher,
                                                   depth + 1)
             except DecompositionError as e:
-                ledger.record("sketch", lemma.name, f"unusable: {e}", depth + 1)
+                # The same sketch call as above, so a kind of its own: generator_calls stays one per call.
+                ledger.record("sketch_unusable", lemma.name, str(e), depth + 1)
                 stitched = None
             proof = lemma_body(stitched, lemma.name) if stitched else None
         if proof is None:

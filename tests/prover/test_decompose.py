@@ -139,6 +139,24 @@ def test_failed_lemma_is_decomposed_again(checker):
     assert {e["depth"] for e in ledger.entries} == {0, 1}
 
 
+def test_unusable_sub_sketch_counts_as_one_generator_call(checker):
+    base = f"{PROBLEM.name}_base_case"
+
+    class Sketcher:
+        name = "sketcher"
+        calls = 0
+
+        def generate(self, problem, sample):
+            self.calls += 1
+            return Candidate("no sketch here, just prose", "file")
+
+    solver, sketcher, ledger = ScriptedSolver({}), Sketcher(), Ledger()
+    cfg = DecomposeConfig(attempts_per_lemma=2, max_depth=1)
+    assert prove_by_decomposition(PROBLEM, SKETCH, checker, solver, cfg, ledger, sketcher) is None
+    assert [e["kind"] for e in ledger.entries if e["target"] == base][-2:] == ["sketch", "sketch_unusable"]
+    assert ledger.generator_calls == solver.calls + sketcher.calls == 3
+
+
 def test_budget_exhaustion_returns_none_and_keeps_the_ledger(checker):
     ledger = Ledger()
     assert prove_by_decomposition(PROBLEM, SKETCH, checker, ScriptedSolver({}),
