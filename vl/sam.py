@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+_BIAS_CHUNK_ELEMENTS = 1 << 24  # at most 64 MB of fp32 relative-position bias alive at once
+
 
 @dataclass
 class SAMConfig:
@@ -94,9 +96,16 @@ class Attention(nn.Module):
         grid_q = q.reshape(B, self.heads, H, W, -1)
         rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, rel_pos_table(H, self.rel_pos_h))
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, rel_pos_table(W, self.rel_pos_w))
-        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, self.heads, H * W, H * W)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.proj(x.transpose(1, 2).reshape(B, H, W, C))
+        # The full (HW x HW) bias of a global block at 1024 px is 4096^2 x heads floats (805 MB for SAM-B).
+        # Query rows are independent, so the bias is built and used a band of grid rows at a time.
+        rows = max(1, _BIAS_CHUNK_ELEMENTS // (B * self.heads * W * H * W))
+        bands = []
+        for top in range(0, H, rows):
+            bias = rel_h[:, :, top : top + rows, :, :, None] + rel_w[:, :, top : top + rows, :, None, :]
+            q_band = q[:, :, top * W : (top + rows) * W]
+            bands.append(F.scaled_dot_product_attention(q_band, k, v, attn_mask=bias.flatten(2, 3).flatten(3)))
+        out = bands[0] if len(bands) == 1 else torch.cat(bands, dim=2)
+        return self.proj(out.transpose(1, 2).reshape(B, H, W, C))
 
 
 class Mlp(nn.Module):

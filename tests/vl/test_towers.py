@@ -9,6 +9,7 @@ import timm
 import torch
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 
+import vl.sam
 from vl.modeling_vl import CLIPVisionTower
 from vl.sam import SAMConfig, SAMEncoder
 from vl.siglip import SigLIPConfig, SigLIPViT
@@ -120,6 +121,17 @@ def _sam_pair(seed: int):
 
 
 def test_sam_encoder_equals_timm():
+    ref, ours = _sam_pair(3)
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        neck, _ = ours.encode(x)
+        assert (neck - ref.forward_features(x)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("budget", [1, 12_000])  # bands of 1 row; of 3, 3, 3 and 1 rows
+def test_sam_global_attention_in_row_bands_equals_timm(monkeypatch, budget):
+    """The relative-position bias built a band of grid rows at a time (1 row, or a few) changes nothing."""
+    monkeypatch.setattr(vl.sam, "_BIAS_CHUNK_ELEMENTS", budget)
     ref, ours = _sam_pair(3)
     x = torch.randn(2, 3, 160, 160)
     with torch.no_grad():
