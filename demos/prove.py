@@ -21,7 +21,7 @@ from prover.generators import GenerationError, Generator, OpenAIConfig, OpenAIGe
 from prover.leantext import find_top_level
 from prover.pinning import Candidate, PinError, decl_pattern
 from prover.prompts import STYLES
-from prover.textguard import blank_comments_and_strings
+from prover.textguard import blank_comments_and_strings, scan
 from prover.verdict import Verdict
 
 DEFAULT_VARIANT = "deepseek_v15"
@@ -100,6 +100,11 @@ def problem_from_text(text: str) -> Problem:
     else:
         header = DEFAULT_HEADER + "".join(line + "\n" for line in lines if line not in DEFAULT_HEADER)
     statement = text[decl.start() : assign].strip() + " := by\n"
+    # The pasted header and statement become the trusted part of the checked file, so they pass the
+    # same text layer as proofs: no `set_option debug.*` in the header, no `sorry` inside a hypothesis.
+    findings = scan(header + statement)
+    if findings:
+        raise ValueError("the pasted statement is refused: " + "; ".join(f"{f.rule}: {f.snippet}" for f in findings))
     return Problem(name, "pasted", header, "", statement)
 
 

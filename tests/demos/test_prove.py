@@ -109,6 +109,11 @@ def test_problem_from_text_header_rules():
     assert extra.header == DEFAULT_HEADER + "open Finset\n"
     with pytest.raises(ValueError, match="tactic proof"):
         problem_from_text("theorem t : True := trivial")
+    # The pasted header and statement are trusted by the checker, so they pass the text layer first.
+    with pytest.raises(ValueError, match="refused: set_option debug"):
+        problem_from_text("import Mathlib\nset_option debug.skipKernelTC true\n" + PASTED)
+    with pytest.raises(ValueError, match="refused: sorry"):
+        problem_from_text("theorem t (h : sorry) : True := by\n  trivial")
 
 
 def test_miniF2F_problems_and_statements(offline):
