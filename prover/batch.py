@@ -5,7 +5,7 @@ import hashlib
 import json
 import sys
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -13,9 +13,13 @@ from tqdm import tqdm
 from .attempts import AttemptLog
 from .checker import Checker
 from .dataset import Problem
+from .decompose import (DecomposeConfig, DecompositionError, Ledger, parse_sketch, prove_by_decomposition,
+                        subgoals)
 from .generators import GenerationError, Generator
+from .pinning import Candidate, PinError, pin
 from .passk import summarize
 from .report import write_report
+from .verdict import Status, Verdict
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class RunSpec:
     problems: tuple[str, ...]
     backend: dict
     timeout: float
+    decompose: dict | None = None  # Decomposition.to_json() when sketches are decomposed
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
@@ -42,7 +47,7 @@ def _check_manifest(out: Path, spec: RunSpec) -> None:
     want = spec.to_json()
     if path.exists():
         have = json.loads(path.read_text())
-        keys = ("variant", "split", "statement_digest", "generator", "problems")
+        keys = ("variant", "split", "statement_digest", "generator", "problems", "decompose")
         diff = [k for k in keys if have.get(k) != want[k]]
         if diff:
             raise ValueError(f"{out} holds a different run (differs in {diff}); use another --out")
@@ -53,10 +58,22 @@ def _check_manifest(out: Path, spec: RunSpec) -> None:
         path.write_text(json.dumps(want, indent=1, ensure_ascii=False))
 
 
-def _attempt(problem: Problem, sample: int, generator: Generator, checker: Checker) -> dict:
-    candidate = generator.generate(problem, sample)
-    checked = checker.check(problem, candidate)
-    v = checked.verdict
+@dataclass(frozen=True)
+class Decomposition:
+    """Batch mode of DeepSeek-Prover-V2 (prover.md §2.1): a sample whose proof is a sketch with
+    `have ... := by sorry` holes has its holes solved by `solver` and is stitched and re-verified.
+
+    One sample stays one pass@k draw; the record says how many extra generator and Lean calls it took.
+    """
+
+    solver: Generator
+    config: DecomposeConfig
+
+    def to_json(self) -> dict:
+        return {"solver": self.solver.name, **asdict(self.config)}
+
+
+def _record(problem: Problem, sample: int, generator: Generator, code: str, v: Verdict) -> dict:
     return {
         "problem": problem.name,
         "sample": sample,
@@ -65,15 +82,53 @@ def _attempt(problem: Problem, sample: int, generator: Generator, checker: Check
         "status": v.status.value,
         "reason": v.reason,
         "time_s": round(v.time_s, 4),
-        "code_sha256": hashlib.sha256(checked.code.encode()).hexdigest(),
-        "code": checked.code or candidate.text,
+        "code_sha256": hashlib.sha256(code.encode()).hexdigest(),
+        "code": code,
         "axioms": v.axioms,
         "errors": [m.to_json() for m in v.errors][:5],
     }
 
 
+def _sketch(problem: Problem, candidate: Candidate) -> tuple[str, int] | None:
+    """(whole file, number of holes) if the candidate is a decomposable sketch, else None."""
+    try:
+        code = pin(problem, candidate).code
+        holes = len(subgoals(parse_sketch(code, problem.name)))
+    except (PinError, DecompositionError):
+        return None
+    return code, holes
+
+
+def _attempt(problem: Problem, sample: int, generator: Generator, checker: Checker,
+             decomposition: Decomposition | None = None) -> dict:
+    candidate = generator.generate(problem, sample)
+    parsed = _sketch(problem, candidate) if decomposition else None
+    if parsed is None:
+        checked = checker.check(problem, candidate)
+        return _record(problem, sample, generator, checked.code or candidate.text, checked.verdict)
+    sketch, holes = parsed
+    ledger = Ledger()
+    stitched = prove_by_decomposition(problem, sketch, checker, decomposition.solver, decomposition.config, ledger)
+    if stitched is not None:
+        record = _record(problem, sample, generator, stitched, ledger.final_verdict)
+    elif ledger.final_verdict is not None:  # every subgoal solved, but the stitched file did not verify
+        v = ledger.final_verdict
+        record = _record(problem, sample, generator, sketch, replace(v, reason=f"stitched file: {v.reason}"))
+    else:  # a subgoal stayed unsolved, so the sketch keeps a hole (the rest are not tried)
+        tried = ledger.count("lemma_check")
+        reason = f"decomposition: subgoal {tried} of {holes} was not solved"
+        record = _record(problem, sample, generator, sketch, Verdict(Status.SORRY, reason))
+    record["decomposition"] = {
+        "generator_calls": 1 + ledger.generator_calls,  # the sketch itself, then every subgoal attempt
+        "checks": len(ledger.entries),  # lemma checks, subgoal attempts (some refused before Lean), stitch
+        "subgoals": holes,
+        "subgoals_tried": ledger.count("lemma_check"),
+    }
+    return record
+
+
 def run_batch(problems: list[Problem], generator: Generator, checker: Checker, spec: RunSpec, out: Path,
-              workers: int) -> dict:
+              workers: int, decomposition: Decomposition | None = None) -> dict:
     """Attempt every missing (problem, sample), appending each result as it lands; returns the summary."""
     _check_manifest(out, spec)
     log = AttemptLog(out / "attempts.jsonl")
@@ -87,7 +142,7 @@ def run_batch(problems: list[Problem], generator: Generator, checker: Checker, s
         try:
             while True:
                 while len(pending) < 2 * workers and (unit := next(queue, None)) is not None:
-                    pending[pool.submit(_attempt, unit[0], unit[1], generator, checker)] = unit
+                    pending[pool.submit(_attempt, unit[0], unit[1], generator, checker, decomposition)] = unit
                 if not pending:
                     break
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)

@@ -64,17 +64,25 @@ def _generator(args):
 
 
 def cmd_prove(args) -> int:
-    from .batch import RunSpec, run_batch
+    from .batch import Decomposition, RunSpec, run_batch
+    from .decompose import DecomposeConfig
+    from .generators import PortfolioGenerator
 
     problems = load_minif2f(args.variant, args.split)
     if args.limit:
         problems = problems[: args.limit]
     checker, backend_cfg = _checker(args)
     generator = _generator(args)
+    decomposition = None
+    if args.decompose:
+        config = DecomposeConfig(strategy=args.decompose_strategy, attempts_per_lemma=args.subgoal_attempts,
+                                 max_depth=0)
+        decomposition = Decomposition(PortfolioGenerator(), config)
     spec = RunSpec(args.variant, args.split, statement_set_digest(problems), generator.name, args.samples,
-                   tuple(p.name for p in problems), backend_cfg.to_json(), args.timeout)
+                   tuple(p.name for p in problems), backend_cfg.to_json(), args.timeout,
+                   decomposition.to_json() if decomposition else None)
     try:
-        summary = run_batch(problems, generator, checker, spec, args.out, args.workers)
+        summary = run_batch(problems, generator, checker, spec, args.out, args.workers, decomposition)
     except KeyboardInterrupt:
         return 130
     finally:
@@ -186,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--decompose", action="store_true",
+                   help="V2 mode: a sample that is a `have ... := by sorry` sketch gets its subgoals solved by the "
+                        "tactic portfolio, then stitched and re-verified (still one sample for pass@k)")
+    p.add_argument("--decompose-strategy", choices=["inline", "aux"], default="inline")
+    p.add_argument("--subgoal-attempts", type=int, default=8, help="portfolio attempts per subgoal")
     p.add_argument("--allow-unaudited", action="store_true",
                    help="LeanDojo cannot audit axioms; accept its verdicts anyway")
     _add_backend_args(p)

@@ -16,7 +16,7 @@ from .generators import Generator
 from .leantext import Signature, Step, binder_names, find_top_level, indent, parse_signature, top_level_steps
 from .pinning import Candidate, decl_pattern, proof_start
 from .textguard import blank_comments_and_strings
-from .verdict import Status
+from .verdict import Status, Verdict
 
 _HOLE = re.compile(r"(?:by\s+)?sorry")
 
@@ -208,6 +208,7 @@ class Ledger:
     """Every call to a generator or to Lean made for one problem, so pass@k budgets stay honest."""
 
     entries: list[dict] = field(default_factory=list)
+    final_verdict: Verdict | None = None  # of the top-level stitched file, once it was checked
 
     def record(self, kind: str, target: str, status: str, depth: int) -> None:
         self.entries.append({"kind": kind, "target": target, "status": status, "depth": depth})
@@ -256,6 +257,8 @@ def prove_by_decomposition(problem: Problem, sketch_code: str, checker: Checker,
     code = stitch(sketch, goals, proofs)
     verdict = checker.check(problem, Candidate(code, "file")).verdict
     ledger.record("stitch", problem.name, verdict.status.value, depth)
+    if depth == 0:
+        ledger.final_verdict = verdict
     return code if verdict.complete else None
 
 

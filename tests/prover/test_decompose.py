@@ -1,6 +1,8 @@
 """Acceptance 5: V2-style subgoal extraction, stitching round trip, and the full pipeline on the fake REPL."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from prover.checker import CheckConfig, Checker
@@ -178,3 +180,39 @@ def test_comments_do_not_leak_into_lemma_statements():
     commented = SKETCH.replace("have base_case : 4 ^ 2 ≤ 4 !", "have base_case : 4 ^ 2 -- the square\n      ≤ 4 !")
     goal = subgoals(parse_sketch(commented, PROBLEM.name))[0]
     assert goal.goal == "4 ^ 2 ≤ 4 !"
+
+
+def test_batch_decomposition_counts_each_sketch_as_one_sample(checker, tmp_path):
+    """`prove --decompose`: sketches are solved and re-verified; a plain proof is checked as usual."""
+    from prover.batch import Decomposition, RunSpec, run_batch
+
+    extra_hole = SKETCH.removesuffix("  sorry\n") + "  have extra : 2 + 2 = 4 := by sorry\n  sorry\n"
+    outputs = {0: Candidate(SKETCH, "file"), 1: Candidate("  omega\n", "completion"),
+               2: Candidate(extra_hole, "file")}
+
+    class Sketcher:
+        name = "sketcher"
+
+        def generate(self, problem, sample):
+            return outputs[sample]
+
+    solver = ScriptedSolver({f"{PROBLEM.name}_{s}": "omega" for s in
+                             ("base_case", "inductive_step", "final_proof", "final")})
+    decomposition = Decomposition(solver, DecomposeConfig(attempts_per_lemma=2))
+    spec = RunSpec("test", "test", "digest", "sketcher", 3, (PROBLEM.name,), {}, 10.0, decomposition.to_json())
+    summary = run_batch([PROBLEM], Sketcher(), checker, spec, tmp_path, workers=1, decomposition=decomposition)
+
+    records = {r["sample"]: r for r in map(json.loads, (tmp_path / "attempts.jsonl").read_text().splitlines())}
+    assert [records[s]["status"] for s in range(3)] == ["complete", "complete", "sorry"]
+    assert "sorry" not in records[0]["code"].split(":= by", 1)[1] and "decomposition" not in records[1]
+    assert records[0]["decomposition"] == {"generator_calls": 1 + 4, "checks": 4 + 4 + 1, "subgoals": 4,
+                                           "subgoals_tried": 4}
+    # The 4th hole (`extra`) fails both attempts; the closing hole after it is never tried.
+    assert records[2]["decomposition"] == {"generator_calls": 1 + 3 + 2, "checks": 4 + 3 + 2, "subgoals": 5,
+                                           "subgoals_tried": 4}
+    assert records[2]["reason"] == "decomposition: subgoal 4 of 5 was not solved"
+    assert summary["table"]["all"]["solved"] == 1 and summary["samples"] == 3
+    with pytest.raises(ValueError, match="decompose"):
+        other = RunSpec(*[getattr(spec, f) for f in ("variant", "split", "statement_digest", "generator",
+                                                      "samples", "problems", "backend", "timeout")], None)
+        run_batch([PROBLEM], Sketcher(), checker, other, tmp_path, workers=1)
