@@ -167,13 +167,7 @@ def build_vl2_tiny(seed: int = 0):
         vision=vl.loading.siglip_from_params({"model_name": "siglip_so400m_patch14_384"}, "tanh"),
     )
     model = vl.loading.materialize(vl.DeepseekVL2, cfg, "cpu", torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=gen)
+    model.init_random_weights_(std=0.02, seed=seed)
     processor = vl.VL2ChatProcessor(tokenizer, vl.VL2ImageProcessor())
     return model.eval(), processor
 

@@ -91,13 +91,7 @@ def build_random_tiny_vl(seed: int = 0, tag_policy: str = "fix") -> tuple[Deepse
     cfg = tiny_config(tokenizer)
     with torch.random.fork_rng(devices=[]):
         model = DeepseekVL2(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.1, generator=gen)
+    model.init_random_weights_(std=0.1, seed=seed)
     image_processor = VL2ImageProcessor(tile_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size)
     processor = VL2ChatProcessor(tokenizer, image_processor, tag_policy=tag_policy)
     return model.eval(), processor

@@ -68,6 +68,17 @@ class VisionLanguageModel(nn.Module, ABC):
     def image_embeds(self, batch: VLBatch) -> list[torch.Tensor]:
         """Per sample, the (n_image_tokens, hidden) features for its image-token positions."""
 
+    @torch.no_grad()
+    def init_random_weights_(self, std: float, seed: int) -> VisionLanguageModel:
+        """Seeded N(0, std) weights with norm scales at 1: a model to try the pipeline without a checkpoint."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, param in self.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32) * std)
+        return self
+
     def prepare_inputs_embeds(self, batch: VLBatch) -> torch.Tensor:
         embeds = self.lm.get_input_embeddings()(batch.input_ids.clamp(min=0))
         if not bool(batch.images_seq_mask.any()):

@@ -25,6 +25,20 @@ def test_original_layout_loads_every_tensor(vl2_checkpoint, loaded):
     assert model.lm.config.use_mla is False and model.lm.config.n_routed_experts == 8
 
 
+def test_random_weights_are_seeded_with_unit_norm_scales(vl2_checkpoint):
+    first, _ = vl.load(vl2_checkpoint)
+    second, _ = vl.load(vl2_checkpoint)
+    a = first.init_random_weights_(std=0.05, seed=7).state_dict()
+    b = second.init_random_weights_(std=0.05, seed=7).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    norms = [k for k in a if "norm" in k and k.endswith("weight")]
+    assert norms and all(bool((a[k] == 1).all()) for k in norms)
+    weight = a["language.model.layers.0.mlp.gate_proj.weight"]
+    assert abs(float(weight.std()) - 0.05) < 0.01
+    assert not torch.equal(weight, second.init_random_weights_(std=0.05, seed=8).state_dict()[
+        "language.model.layers.0.mlp.gate_proj.weight"])
+
+
 def test_mismatched_checkpoint_is_one_clear_error(vlh, tmp_path):
     path = vlh.write_vl2_checkpoint(tmp_path)
     tensors = load_file(str(path / "model.safetensors"))
