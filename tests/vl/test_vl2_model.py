@@ -35,8 +35,10 @@ def test_random_weights_are_seeded_with_unit_norm_scales(vl2_checkpoint):
     assert norms and all(bool((a[k] == 1).all()) for k in norms)
     weight = a["language.model.layers.0.mlp.gate_proj.weight"]
     assert abs(float(weight.std()) - 0.05) < 0.01
-    assert not torch.equal(weight, second.init_random_weights_(std=0.05, seed=8).state_dict()[
-        "language.model.layers.0.mlp.gate_proj.weight"])
+    assert not torch.equal(
+        weight,
+        second.init_random_weights_(std=0.05, seed=8).state_dict()["language.model.layers.0.mlp.gate_proj.weight"],
+    )
 
 
 def test_mismatched_checkpoint_is_one_clear_error(vlh, tmp_path):
