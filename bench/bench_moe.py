@@ -85,7 +85,7 @@ def main() -> None:
                 (module(xg) * upstream).sum().backward()
 
             forward[name] = median_seconds(fwd, args.repeats)
-            train[name] = median_seconds(fwd_bwd, max(3, args.repeats // 2), warmup=1)
+            train[name] = median_seconds(fwd_bwd, args.repeats)
         flops = moe_flops(args.tokens)
         a = torch.randn(args.tokens, HIDDEN, dtype=dtype)
         b = torch.randn(HIDDEN, int(flops / (2 * args.tokens * HIDDEN)), dtype=dtype)
