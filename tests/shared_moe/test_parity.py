@@ -93,6 +93,7 @@ def test_mla_cache_holds_only_latent_and_rope_key(tiny_checkpoint):
         per_token = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         element = torch.finfo(dtype).bits // 8
         assert out.cache.nbytes() == 2 * cfg.num_hidden_layers * tokens * per_token * element
+        assert out.cache.capacity_nbytes() >= out.cache.nbytes()  # growth is amortised: capacity may run ahead
 
 
 @pytest.mark.parametrize("kind", ["v3", "v2"])

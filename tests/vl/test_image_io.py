@@ -114,6 +114,16 @@ def test_animated_gif_uses_first_frame():
     assert out.mode == "RGB" and out.getpixel((4, 4)) == (255, 0, 0)
 
 
+def test_callers_animated_image_keeps_its_frame():
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=50)
+    mine = Image.open(buf)
+    mine.seek(2)
+    out = load_image(mine)
+    assert out.getpixel((4, 4)) == (255, 0, 0) and mine.tell() == 2
+
+
 def test_exif_rotation_is_applied():
     img = Image.new("RGB", (60, 20), (0, 0, 0))
     img.paste((255, 255, 255), (0, 0, 10, 20))  # white strip on the left
