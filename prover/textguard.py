@@ -9,53 +9,54 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-_ID_BEFORE = r"(?<![\w.'])"
-_ID_AFTER = r"(?![\w'!?])"
-_CMD = r"(?m)^[ \t]*(?:@\[[^\]\n]*\][ \t]*)?(?:(?:local|scoped|private|protected|noncomputable)[ \t]+)*"
-
-
-def _words(*names: str) -> str:
-    return _ID_BEFORE + "(?:" + "|".join(re.escape(n) for n in names) + ")" + _ID_AFTER
-
-
 @dataclass(frozen=True)
 class Rule:
+    """A banned construct: Lean keywords/identifiers in `words`, or a regex `pattern` over blanked code.
+
+    A word counts wherever Lean's tokenizer would read it as its own token, i.e. anywhere except inside
+    a longer identifier (`h'sorry` is a name; `sᶜinstance`, `2sorry`, `Lean.ofReduceBool` and
+    `x := 1 variable` all contain the word). Commands are matched anywhere, not only at a line start,
+    because Lean does not care where a command starts.
+    """
+
     id: str
-    pattern: str
     why: str
+    words: tuple[str, ...] = ()
+    pattern: str = ""
 
 
 DEFAULT_RULES: tuple[Rule, ...] = (
-    Rule("sorry", _words("sorry"), "leaves the goal unproved"),
-    Rule("admit", _words("admit"), "synonym of sorry"),
-    Rule("sorryAx", _words("sorryAx"), "explicit sorry axiom"),
-    Rule("axiom", _words("axiom"), "declares an unchecked axiom"),
-    Rule("native_decide", _words("native_decide", "ofReduceBool", "trustCompiler"),
-         "trusts compiled code instead of the kernel"),
-    Rule("implemented_by", _words("implemented_by", "extern"), "swaps the code native_decide runs"),
-    Rule("unsafe", _words("unsafe"), "escapes the kernel's checks"),
-    Rule("partial", _words("partial"), "opaque non-terminating definitions mask errors"),
-    Rule("opaque", _words("opaque"), "opaque constants can smuggle values"),
-    Rule("set_option debug", r"set_option\s+debug\.", "debug options such as skipKernelTC disable checking"),
-    Rule("#exit", r"#exit\b", "stops elaboration before later checks"),
-    Rule("#eval", r"#(?:eval|exec|reduce|print|synth|check|find|help)\b",
-         "commands that run code or print instead of proving"),
-    Rule("run_cmd", _words("run_cmd", "run_tac", "run_elab", "run_meta"), "runs metaprograms"),
-    Rule("metaprogramming", _words("macro", "macro_rules", "elab", "elab_rules", "syntax", "notation",
-                                   "infix", "infixl", "infixr", "declare_syntax_cat", "initialize",
-                                   "builtin_initialize"),
-         "new syntax or elaborators can hide sorry or rewrite meaning"),
-    Rule("prefix/postfix notation", _CMD + r"(?:prefix|postfix)\b", "new notation"),
-    Rule("meta API", r"\bLean\.(?:Elab|Meta|Environment|Kernel|Compiler)\b|" + _words(
-        "addDecl", "addDeclCore", "modifyEnv", "setEnv"), "edits the environment directly"),
-    Rule("instance", _words("instance"), "local instances change what the statement means"),
-    Rule("attribute", r"\battribute\s*\[", "attribute changes alter simp sets and instances"),
-    Rule("variable/include", _CMD + r"(?:variable|include|omit)\b", "adds hypotheses to the theorem"),
-    Rule("namespace", _CMD + r"(?:namespace|export)\b|open\s+private\b|_root_",
-         "namespaces can shadow names used by the statement"),
-    Rule("search tactic", _ID_BEFORE + r"(?:apply|exact|rw|simp|simp_all|aesop|field_simp|norm_num|dsimp|"
-         r"hint|says)\?|" + _words("library_search", "rw_search", "hint"),
-         "apply? can close goals with a hidden sorry in Lean 4.9"),
+    Rule("sorry", "leaves the goal unproved", ("sorry",)),
+    Rule("admit", "synonym of sorry", ("admit",)),
+    Rule("sorryAx", "explicit sorry axiom", ("sorryAx",)),
+    Rule("axiom", "declares an unchecked axiom", ("axiom",)),
+    Rule("native_decide", "trusts compiled code instead of the kernel",
+         ("native_decide", "ofReduceBool", "trustCompiler")),
+    Rule("implemented_by", "swaps the code native_decide runs", ("implemented_by", "extern", "csimp")),
+    Rule("unsafe", "escapes the kernel's checks", ("unsafe",)),
+    Rule("partial", "opaque non-terminating definitions mask errors", ("partial",)),
+    Rule("opaque", "opaque constants can smuggle values", ("opaque", "irreducible_def")),
+    Rule("set_option debug", "debug options such as skipKernelTC disable checking", pattern=r"set_option\s+debug\."),
+    Rule("#exit", "stops elaboration before later checks", pattern=r"#exit\b"),
+    Rule("#eval", "commands that run code, print, or swallow messages instead of proving",
+         pattern=r"#(?:eval|exec|reduce|print|synth|check|find|help|guard|simp|norm_num|conv|where|lint|time)\w*"),
+    Rule("run_cmd", "runs metaprograms", ("run_cmd", "run_tac", "run_elab", "run_meta")),
+    Rule("metaprogramming", "new syntax, elaborators or unification hints can hide sorry or rewrite meaning",
+         ("macro", "macro_rules", "elab", "elab_rules", "syntax", "notation", "notation3", "infix", "infixl",
+          "infixr", "prefix", "postfix", "declare_syntax_cat", "initialize", "builtin_initialize", "unif_hint",
+          "simproc", "dsimproc", "simproc_decl", "register_simp_attr", "declare_config_elab")),
+    Rule("meta API", "the metaprogramming API edits the environment, elaborators or messages",
+         ("Lean", "Elab", "Meta", "Parser", "IO", "CommandElab", "TermElab", "Tactic", "addDecl", "addDeclCore",
+          "modifyEnv", "setEnv")),
+    Rule("instance", "local instances change what the statement means", ("instance",)),
+    Rule("attribute", "attributes register elaborators, instances and simp lemmas",
+         ("attribute",), pattern=r"@\["),
+    Rule("variable/include", "adds hypotheses to the theorem", ("variable", "include", "omit")),
+    Rule("namespace", "namespaces can shadow names used by the statement", ("namespace", "export"),
+         pattern=r"open\s+private\b|\b(?:theorem|lemma|def|abbrev|structure|class|inductive)\s+_root_"),
+    Rule("search tactic", "apply? can close goals with a hidden sorry in Lean 4.9",
+         ("library_search", "rw_search", "hint"),
+         pattern=r"(?<![\w.'])(?:apply|exact|rw|simp|simp_all|aesop|field_simp|norm_num|dsimp|hint|says)\?"),
 )
 
 ALLOWED_OPTIONS = ("maxHeartbeats", "maxRecDepth", "synthInstance.maxHeartbeats", "synthInstance.maxSize",
@@ -240,6 +241,18 @@ def blank_comments_and_strings(text: str) -> str:
     return lex(text).blanked
 
 
+def _word_hits(code: str, words: tuple[str, ...]) -> list[int]:
+    """Offsets where one of `words` is a token of its own for Lean (see `Rule`)."""
+    if not words:
+        return []
+    pattern = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    return [
+        m.start()
+        for m in re.finditer(pattern, code)
+        if _boundary(code, m.start()) != "ident" and not (m.end() < len(code) and _id_rest(code[m.end()]))
+    ]
+
+
 def scan(text: str, policy: GuardPolicy = GuardPolicy()) -> list[Finding]:
     """All banned constructs in `text` (model-written Lean), in order of appearance.
 
@@ -258,8 +271,11 @@ def scan(text: str, policy: GuardPolicy = GuardPolicy()) -> list[Finding]:
     for rule in policy.rules:
         if rule.id in policy.allowed:
             continue
-        for m in re.finditer(rule.pattern, code):
-            add(rule.id, m.start(), rule.why)
+        for start in _word_hits(code, rule.words):
+            add(rule.id, start, rule.why)
+        if rule.pattern:
+            for m in re.finditer(rule.pattern, code):
+                add(rule.id, m.start(), rule.why)
     if "set_option" not in policy.allowed:
         for m in re.finditer(r"\bset_option\s+([\w.]+)", code):
             option = m.group(1)

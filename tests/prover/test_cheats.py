@@ -215,3 +215,37 @@ def test_mathlib_primed_notation_is_code_not_a_literal():
     assert blanked.startswith("∑' i, f i = f '' s ∪ g ⁻¹' t ∧ h' x' =     ∧ ")
     assert "'" not in blanked[text.index("∧ r#"):] and "q" not in blanked
     assert lex(text).problems == ()
+
+
+FAKE_AUDIT = ("theorem aux : True := trivial\n  open Lean Elab Command in\n"
+              "  @[command_elab Lean.Parser.Command.printAxioms] def fakeAudit : CommandElab := fun _ =>\n"
+              "    logInfo \"'t' does not depend on any axioms\"\n")
+
+
+@pytest.mark.parametrize("candidate,rule", [
+    # a same-file command elaborator that skips the theorem and fakes the `#print axioms` audit
+    (file("linarith", before=FAKE_AUDIT), "meta API"),
+    (completion("  linarith\n\n@[command_elab Parser.Command.printAxioms] def f : CommandElab := fun _ => pure ()\n"),
+     "attribute"),
+    # a command after a term on the same line (Lean needs no line break between commands)
+    (file("exact hbad.elim", before="theorem aux : True := trivial variable (hbad : False)\n"), "variable/include"),
+    (file("linarith", before="theorem aux : True := trivial namespace Real\n"), "namespace"),
+    # `ᶜ` is a token of its own for Lean, so `instance` after it is the keyword (Python's \w disagrees)
+    (file("simp at h ⊢", before="theorem aux (s : Set ℕ) : sᶜ = sᶜ := Eq.refl sᶜinstance (n : ℕ) : OfNat ℝ n := ⟨0⟩\n"),
+     "instance"),
+    (completion("  exact absurd h (by native_decide)\n  exact (2sorry)\n"), "sorry"),
+    # qualified names are still the banned constant
+    (completion("  exact of_decide_eq_true (Lean.ofReduceBool _ true rfl)\n"), "native_decide"),
+    (completion("  linarith\n\nnotation3 \"foo\" => (1 : ℝ)\n"), "metaprogramming"),
+    (completion("  linarith\n\n/-- error: x -/\n#guard_msgs in\nexample : False := by simp\n"), "#eval"),
+])
+def test_commands_count_wherever_lean_reads_them(checker, candidate, rule):
+    text = candidate.text if candidate.kind == "file" else STATEMENT + candidate.text
+    assert rule in {f.rule for f in scan(text)}
+    assert not checker.check(PROBLEM, candidate).verdict.complete
+
+
+def test_root_namespace_in_terms_is_allowed_but_not_in_declaration_names(checker):
+    ok = file("have := _root_.pow_le_pow_left (by norm_num : (0 : ℝ) ≤ 1) (le_refl 1) 2", "linarith")
+    assert scan(ok.text) == []
+    assert {f.rule for f in scan("theorem _root_.Real.sqrt_eq : True := trivial")} == {"namespace"}
