@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .dataset import Problem
 from .leantext import find_top_level
-from .textguard import lex
+from .textguard import lex, word_hits
 
 
 class PinError(ValueError):
@@ -51,27 +51,42 @@ def proof_start(code: str, start: int) -> int:
     return m.end()
 
 
+# Commands that could sit inside a helper's text (Lean needs no line break or column 0 to start one) and
+# would then apply to the pinned statement after it, e.g. `open Foo in` or `set_option ... in`.
+_PREAMBLE_COMMANDS = ("open", "set_option", "section", "end", "universe", "noncomputable", "def", "abbrev",
+                      "class", "structure", "inductive", "example", "mutual", "deriving", "private", "protected",
+                      "export", "namespace", "variable", "include", "omit", "attribute", "instance", "local",
+                      "scoped", "notation", "macro", "syntax")
+
+
 def _helpers(preamble: str, blanked: str, header: str) -> str:
     """Helper theorems/lemmas written before the main theorem; anything else is refused."""
     header_lines = {line.strip() for line in header.splitlines() if line.strip()}
     kept: list[str] = []
+    kept_blanked: list[str] = []
     in_decl = False
-    for raw, line in zip(preamble.splitlines(), blanked.splitlines()):
+    for raw, line in zip(preamble.split("\n"), blanked.split("\n")):
         if not line.strip():
             if in_decl:
                 kept.append(raw)
+                kept_blanked.append(line)
             continue
         if line[0].isspace():
             if not in_decl:
                 raise PinError(f"unexpected text before the theorem: {raw.strip()[:80]!r}")
-            kept.append(raw)
         elif line.strip() in header_lines:
             in_decl = False
+            continue
         elif re.match(r"(?:theorem|lemma)\s", line):
             in_decl = True
-            kept.append(raw)
         else:
             raise PinError(f"command before the theorem is not allowed: {raw.strip()[:80]!r}")
+        kept.append(raw)
+        kept_blanked.append(line)
+    code = "\n".join(kept_blanked)
+    for start in word_hits(code, _PREAMBLE_COMMANDS):
+        line = code[start:].split("\n", 1)[0].strip()
+        raise PinError(f"command before the theorem is not allowed: {line[:80]!r}")
     return "\n".join(kept).strip("\n")
 
 

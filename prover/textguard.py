@@ -54,8 +54,10 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("variable/include", "adds hypotheses to the theorem", ("variable", "include", "omit")),
     Rule("namespace", "namespaces can shadow names used by the statement", ("namespace", "export"),
          pattern=r"open\s+private\b|\b(?:theorem|lemma|def|abbrev|structure|class|inductive)\s+_root_"),
+    Rule("quoted name", "«…» spells any name, banned ones included (`set_option «debug».skipKernelTC`)",
+         pattern="«"),
     Rule("search tactic", "apply? can close goals with a hidden sorry in Lean 4.9",
-         ("library_search", "rw_search", "hint"),
+         ("library_search", "rw_search"),
          pattern=r"(?<![\w.'])(?:apply|exact|rw|simp|simp_all|aesop|field_simp|norm_num|dsimp|hint|says)\?"),
 )
 
@@ -218,9 +220,15 @@ def _literal_problem(text: str, kind: str, start: int, end: int) -> str | None:
     return None
 
 
+_ODD_LINE_BREAKS = re.compile("[\r\x0b\x0c\x85\u2028\u2029]")
+
+
 def lex(text: str) -> Lexed:
     """Blank comments and literals the way Lean reads them, and collect what might be misread."""
-    out, problems, i = list(text), [], 0
+    out, i = list(text), 0
+    # Python's splitlines and Lean disagree on these, so line-based checks could pair the wrong lines.
+    problems = [(m.start(), f"line break character {m.group()!r} (only \\n is accepted)")
+                for m in _ODD_LINE_BREAKS.finditer(text)]
     while i < len(text):
         kind, end, problem = _literal_at(text, i)
         if kind:
@@ -233,7 +241,7 @@ def lex(text: str) -> Lexed:
         if problem:
             problems.append((i, problem))
         i = end
-    return Lexed("".join(out), tuple(problems))
+    return Lexed("".join(out), tuple(sorted(problems)))
 
 
 def blank_comments_and_strings(text: str) -> str:
@@ -241,7 +249,7 @@ def blank_comments_and_strings(text: str) -> str:
     return lex(text).blanked
 
 
-def _word_hits(code: str, words: tuple[str, ...]) -> list[int]:
+def word_hits(code: str, words: tuple[str, ...]) -> list[int]:
     """Offsets where one of `words` is a token of its own for Lean (see `Rule`)."""
     if not words:
         return []
@@ -271,14 +279,17 @@ def scan(text: str, policy: GuardPolicy = GuardPolicy()) -> list[Finding]:
     for rule in policy.rules:
         if rule.id in policy.allowed:
             continue
-        for start in _word_hits(code, rule.words):
+        for start in word_hits(code, rule.words):
             add(rule.id, start, rule.why)
         if rule.pattern:
             for m in re.finditer(rule.pattern, code):
                 add(rule.id, m.start(), rule.why)
     if "set_option" not in policy.allowed:
-        for m in re.finditer(r"\bset_option\s+([\w.]+)", code):
-            option = m.group(1)
-            if not option.startswith("debug.") and not option.startswith(policy.allowed_options):
-                add("set_option", m.start(), f"option {option} is not in the allow-list")
+        for start in word_hits(code, ("set_option",)):
+            rest = code[start + len("set_option"):].split(None, 1)
+            option = rest[0] if rest else ""
+            if not re.fullmatch(r"[A-Za-z_][\w.]*", option):
+                add("set_option", start, f"option name {option!r} is not a plain name")
+            elif not option.startswith("debug.") and not option.startswith(policy.allowed_options):
+                add("set_option", start, f"option {option} is not in the allow-list")
     return sorted(findings, key=lambda f: f.line)

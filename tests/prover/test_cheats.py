@@ -249,3 +249,33 @@ def test_root_namespace_in_terms_is_allowed_but_not_in_declaration_names(checker
     ok = file("have := _root_.pow_le_pow_left (by norm_num : (0 : ℝ) ≤ 1) (le_refl 1) 2", "linarith")
     assert scan(ok.text) == []
     assert {f.rule for f in scan("theorem _root_.Real.sqrt_eq : True := trivial")} == {"namespace"}
+
+
+def test_quoted_option_names_cannot_switch_off_the_kernel(checker):
+    before = "theorem aux : True := trivial\n  set_option «debug».skipKernelTC true in\n\n"
+    with pytest.raises(PinError, match="set_option"):
+        pin(PROBLEM, file("linarith", before=before))
+    rules = {f.rule for f in scan("  set_option «debug».skipKernelTC true in\n  linarith\n")}
+    assert {"quoted name", "set_option"} <= rules
+    sneaky = completion("  set_option «debug».skipKernelTC true in\n  linarith\n")
+    assert not checker.check(PROBLEM, sneaky).verdict.complete
+
+
+@pytest.mark.parametrize("inside", ["  open scoped Classical in", "  noncomputable def f : ℕ := 1", "  section",
+                                    "  universe u", "  class Cheat extends OfNat ℝ 65", "  open Real renaming pi → p"])
+def test_commands_inside_a_helper_cannot_reach_the_statement(inside):
+    with pytest.raises(PinError, match="command before the theorem"):
+        pin(PROBLEM, file("linarith", before=f"theorem aux : True := by\n  trivial\n{inside}\n\n"))
+
+
+@pytest.mark.parametrize("brk", ["\r", "\x0b", "\x0c", "\x85", "\u2028", "\u2029"])
+def test_line_breaks_other_than_newline_are_refused(brk):
+    text = f"-- note{brk}#eval 1\n  linarith\n"
+    assert [f.rule for f in scan(text)][0] == "lexer"
+    with pytest.raises(PinError, match="line break"):
+        pin(PROBLEM, file("linarith", before=f"theorem aux : True := trivial -- c{brk}\n\n"))
+
+
+def test_common_hypothesis_names_are_not_search_tactics(checker):
+    cand = file("have hint : (0 : ℝ) < 2 := by norm_num", "linarith")
+    assert scan(cand.text) == [] and checker.check(PROBLEM, cand).verdict.complete
