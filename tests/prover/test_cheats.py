@@ -279,3 +279,24 @@ def test_line_breaks_other_than_newline_are_refused(brk):
 def test_common_hypothesis_names_are_not_search_tactics(checker):
     cand = file("have hint : (0 : ℝ) < 2 := by norm_num", "linarith")
     assert scan(cand.text) == [] and checker.check(PROBLEM, cand).verdict.complete
+
+
+BY_ELAB = ("have hf : False := (by_elab fun _ _ _ _ _ _ csr => do\n"
+           "    let s ← csr.get\n"
+           "    match s.env.addDeclWithoutChecking (.thmDecl { name := `cheat, levelParams := [],\n"
+           "        type := .const ``False [], value := .const ``True.intro [] }) with\n"
+           "    | .ok e => csr.set { s with env := e }\n"
+           "    | .error _ => pure ()\n"
+           "    pure (.const `cheat []) : False)\n")
+
+
+@pytest.mark.parametrize("candidate", [
+    completion("  " + BY_ELAB + "  exact hf.elim\n"),
+    file("exact cheat.elim", before="theorem aux : True := by\n  " + BY_ELAB.replace("\n", "\n  ") + "  trivial\n\n"),
+])
+def test_term_mode_metaprograms_cannot_add_unchecked_declarations(checker, candidate):
+    """Third red-team round: `by_elab` runs code that adds `cheat : False` without the kernel; the audit of
+    the theorem then finds only `cheat`'s stored (checked-by-nobody) value and no axioms."""
+    text = candidate.text if candidate.kind == "file" else STATEMENT + candidate.text
+    assert {"run_cmd", "meta API"} <= {f.rule for f in scan(text)}
+    assert not checker.check(PROBLEM, candidate).verdict.complete
