@@ -300,3 +300,12 @@ def test_term_mode_metaprograms_cannot_add_unchecked_declarations(checker, candi
     text = candidate.text if candidate.kind == "file" else STATEMENT + candidate.text
     assert {"run_cmd", "meta API"} <= {f.rule for f in scan(text)}
     assert not checker.check(PROBLEM, candidate).verdict.complete
+
+
+def test_conv_mode_metaprograms_and_printing_are_refused(checker):
+    """Fourth red-team round: Mathlib's `run_conv` takes a do-block without the words `do` or `run_tac`."""
+    run_conv = ("  have hf : False := by\n    conv =>\n      run_conv\n        let g := (← get).goals.head!\n"
+                "        pure ()\n    all_goals linarith\n  linarith\n")
+    assert "run_cmd" in {f.rule for f in scan(STATEMENT + run_conv)}
+    assert not checker.check(PROBLEM, completion(run_conv)).verdict.complete
+    assert {f.rule for f in scan("  println! (String.mk ['{'])\n")} == {"output"}
