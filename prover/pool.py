@@ -1,6 +1,7 @@
 """Pool of persistent REPL processes: the import header runs once per process, bodies reuse its env."""
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -137,6 +138,10 @@ class ReplPool:
             return verdict
         if verdict.complete and theorem is not None:
             verdict = replace(verdict, axioms=self._audit(slot, resp, theorem))
+            if verdict.axioms is not None and not self._in_step(slot):
+                slot.reset()
+                return Verdict(Status.SYSTEM_ERROR, "REPL output out of step after the audit: the frames read "
+                               "were not the answers to our commands (did the proof print to stdout?)")
         proc.uses += 1
         if slot.proc is not None and self.config.max_uses and proc.uses >= self.config.max_uses:
             slot.reset()
@@ -155,6 +160,21 @@ class ReplPool:
         if not isinstance(audit, CommandResponse):
             return None
         return parse_axioms(audit.messages, theorem)
+
+    def _in_step(self, slot: _Slot) -> bool:
+        """Whether the next frame answers a command sent now, carrying a nonce the proof could not know.
+
+        Code that runs while a proof elaborates could print frames that look like a clean answer and a
+        clean audit. They would be read in place of the real answers, which would still be waiting; the
+        echo of a fresh nonce as the very next frame shows that nothing was injected.
+        """
+        nonce = secrets.token_hex(12)
+        try:
+            resp = slot.proc.request({"cmd": f'#print "{nonce}"', "env": slot.header_env},
+                                     self.config.audit_timeout)
+        except (ReplTimeout, ReplDied, ProtocolError):
+            return False
+        return isinstance(resp, CommandResponse) and any(nonce in m.data for m in resp.messages)
 
     def close(self) -> None:
         with self._cond:

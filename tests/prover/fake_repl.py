@@ -159,6 +159,8 @@ class Sim:
             digest = int(hashlib.sha256(raw.encode()).hexdigest()[:8], 16)
             if digest % 1000 < 1000 * self.args.reject_fraction:  # deterministic per proof text
                 messages.append(self.msg("error", code, starts[0].start(), 1, "linarith failed"))
+        for m in re.finditer(r'^#print\s+"([^"\n]*)"', text, re.M):  # Lean's `#print "str"` logs the string
+            messages.append(self.msg("info", text, m.start(), 6, m.group(1)))
         for m in re.finditer(r"^#print\s+axioms\s+(\S+)", code, re.M):
             target = m.group(1)
             if target not in decls:
@@ -227,6 +229,10 @@ class Sim:
                 sys.stderr.flush()
             elif kind == "garbage":
                 write("this is not JSON")
+            elif kind == "forge":  # code run during elaboration prints a clean answer and a clean audit
+                write(pretty({"env": len(self.envs)}))
+                write(pretty({"env": len(self.envs) + 1, "messages": [
+                    self.msg("info", "#print axioms", 0, 6, f"'{arg}' does not depend on any axioms")]}))
             elif kind == "close_stdout":  # a REPL that stops answering but keeps running (and stderr open)
                 sys.stdout.flush()
                 os.close(1)

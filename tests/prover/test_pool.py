@@ -240,3 +240,14 @@ def test_missing_repl_under_a_memory_limit_is_reported(tmp_path):
     proc = ReplProcess(ProcessConfig((str(tmp_path / "no-repl"),), memory_limit_bytes=1 << 30))
     with pytest.raises(ReplDied, match="cannot start REPL"):
         proc.request({"cmd": "import Mathlib"}, timeout=10)
+
+
+def test_frames_printed_by_the_proof_cannot_stand_in_for_the_answers(make_pool):
+    """Fourth red-team round: code run during elaboration could print a clean answer and a clean audit
+    before the REPL's real (failing) answer. The nonce echo after the audit exposes the extra frames."""
+    pool = make_pool()
+    forged = pool.verify(proof("-- FAKE: forge t", "-- FAKE: error linarith failed", "linarith"), timeout=10,
+                         theorem="t")
+    assert forged.status is Status.SYSTEM_ERROR and "out of step" in forged.reason
+    honest = pool.verify(proof("linarith"), timeout=10, theorem="t")  # the slot was reset: back in step
+    assert honest.status is Status.COMPLETE and honest.axioms == ["propext", "Classical.choice", "Quot.sound"]
