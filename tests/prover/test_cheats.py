@@ -309,3 +309,15 @@ def test_conv_mode_metaprograms_and_printing_are_refused(checker):
     assert "run_cmd" in {f.rule for f in scan(STATEMENT + run_conv)}
     assert not checker.check(PROBLEM, completion(run_conv)).verdict.complete
     assert {f.rule for f in scan("  println! (String.mk ['{'])\n")} == {"output"}
+
+
+@pytest.mark.parametrize("text,rule", [
+    ("  have : (2 : ℕ) ^ 10 = 1024 := eval% (2 : ℕ) ^ 10\n", "eval%"),
+    ("  have := eval% (unsafeCast (0 : ℕ) : ℕ)\n", "unsafe"),
+    ("  simp (config := { maxSteps := (match unsafeIO (pure ()) with | _ => 100000) })\n", "unsafe"),
+    ("  have := dbgTraceVal 3\n", "output"),
+    ("  have := timeit \"x\" (pure ())\n", "unsafe"),
+])
+def test_elaboration_time_evaluation_is_refused(text, rule):
+    """Fifth red-team round: `eval%` and tactic configs run terms with unsafe code allowed."""
+    assert rule in {f.rule for f in scan(text)}
