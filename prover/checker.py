@@ -56,11 +56,18 @@ class Checker:
             pinned = pin(problem, candidate)
         except PinError as e:
             return Checked("", Verdict(Status.REJECTED, f"pin: {e}"))
-        findings = scan(pinned.authored, self.config.guard)
+        return Checked(pinned.code, self.check_scanned(pinned.authored, pinned.code, problem.name, start))
+
+    def check_unpinned(self, code: str, theorem: str) -> Verdict:
+        """A file with no reference statement: the whole text is model-written, so all of it is scanned."""
+        return self.check_scanned(code, code, theorem, time.monotonic())
+
+    def check_scanned(self, authored: str, code: str, theorem: str, start: float) -> Verdict:
+        """Text layer over `authored`, then Lean and the audit of `theorem` in `code`."""
+        findings = scan(authored, self.config.guard)
         if findings:
-            return Checked(pinned.code, Verdict(Status.REJECTED, f"text: {findings[0]}",
-                                                time_s=time.monotonic() - start))
-        return Checked(pinned.code, self.check_code(pinned.code, problem.name))
+            return Verdict(Status.REJECTED, f"text: {findings[0]}", time_s=time.monotonic() - start)
+        return self.check_code(code, theorem)
 
     def check_code(self, code: str, theorem: str) -> Verdict:
         """Backend + audit for an already pinned and scanned file (used by stitching too)."""

@@ -10,8 +10,7 @@ from .backends import BackendConfig, BackendNotConfigured, make_backend
 from .checker import CheckConfig, Checker
 from .dataset import VARIANT_FILES, Problem, load_few_shot, load_minif2f, statement_set_digest
 from .prompts import STYLES
-from .textguard import GuardPolicy, scan
-from .verdict import Status, Verdict
+from .textguard import GuardPolicy
 
 
 def _add_backend_args(ap: argparse.ArgumentParser) -> None:
@@ -112,14 +111,6 @@ def _audited_theorem(args) -> str:
     return name
 
 
-def _check_file(checker: Checker, text: str, theorem: str) -> Verdict:
-    """An unpinned file gets every other layer: text layer, Lean, axiom audit of `theorem`."""
-    findings = scan(text, checker.config.guard)
-    if findings:
-        return Verdict(Status.REJECTED, f"text: {findings[0]}")
-    return checker.check_code(text, theorem)
-
-
 def cmd_verify(args) -> int:
     from .pinning import Candidate
 
@@ -131,7 +122,7 @@ def cmd_verify(args) -> int:
         if problem:
             verdict = checker.check(problem, Candidate(text, "file")).verdict
         else:
-            verdict = _check_file(checker, text, theorem)
+            verdict = checker.check_unpinned(text, theorem)
     finally:
         checker.backend.close()
     print(json.dumps(verdict.to_json(), indent=1, ensure_ascii=False))
