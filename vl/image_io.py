@@ -109,14 +109,11 @@ def load_image(
             f"image is too large: {width}x{height} = {width * height} pixels > max_pixels={max_pixels}"
         )
     if getattr(img, "n_frames", 1) > 1:
-        if img is source:  # the caller's image: take frame 0 without moving its frame pointer
-            frame = img.tell()
-            img.seek(0)
-            first = img.copy()
-            img.seek(frame)
-            img = first
-        else:
-            img.seek(0)
+        frame = img.tell()
+        img.seek(0)
+        if img is source:  # the caller's image: keep frame 0, give the caller back its frame pointer
+            img, caller = img.copy(), img
+            caller.seek(frame)
     try:
         img.load()
     except _DECODE_ERRORS as e:
