@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from prover.backends import BackendConfig, BackendNotConfigured, make_backend
@@ -291,7 +291,7 @@ class ProveService:
             rows.append([str(sample + 1), verdict.status.value, verdict.reason])
             if verdict.complete:
                 report = verdict_report(verdict, checked.code, f"Verified: `{problem.name}` proved by {generator.name}")
-                yield ProveReport(report.status, True, report.headline, report.details, report.code, columns, rows)
+                yield replace(report, columns=columns, rows=rows)
                 return
             headline = f"Attempt {sample + 1}/{attempts}: {verdict.status.value}"
             yield ProveReport(

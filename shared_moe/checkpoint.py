@@ -91,7 +91,9 @@ def strip_language_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
     }
 
 
-def dequantize_all(tensors: dict[str, torch.Tensor], dtype: torch.dtype, problems: list[str]) -> dict[str, torch.Tensor]:
+def dequantize_all(
+    tensors: dict[str, torch.Tensor], dtype: torch.dtype, problems: list[str]
+) -> dict[str, torch.Tensor]:
     """Every FP8 weight with a `weight_scale_inv` becomes `dtype`; an orphan scale is recorded in `problems`."""
     out = dict(tensors)
     for key in [k for k in tensors if k.endswith(".weight_scale_inv")]:
