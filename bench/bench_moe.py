@@ -2,7 +2,8 @@
 
 Shape from the issue: hidden 512, 64 routed experts, top-6, expert width 256, 2048 tokens (plus one
 shared expert and the V3 sigmoid router). transformers runs its `eager` (per-expert loop) and
-`grouped_mm` experts implementations. Also reports forward GFLOP/s next to one torch.matmul of the
+`grouped_mm` experts implementations. shared_moe runs twice: with its default kernels (oneDNN grouped
+GEMM on CPU fp32) and with its experts forced onto `torch._grouped_mm`. Also reports forward GFLOP/s next to one torch.matmul of the
 same FLOPs, which is what this machine's GEMMs can do.
 
     python bench/bench_moe.py [--tokens 2048] [--repeats 5]
@@ -72,7 +73,12 @@ def main() -> None:
         upstream = torch.randn_like(x)
         with torch.no_grad():
             error = (ours(x).float() - hf["eager"](x).float()).abs().max().item()
-        modules = {"transformers eager": hf["eager"], "transformers grouped_mm": hf["grouped_mm"], "shared_moe": ours}
+        ours_grouped_mm = copy.deepcopy(ours)
+        ours_grouped_mm.experts.gemm_backend = "grouped_mm"
+        modules = {
+            "transformers eager": hf["eager"], "transformers grouped_mm": hf["grouped_mm"],
+            "shared_moe, experts on torch._grouped_mm": ours_grouped_mm, "shared_moe": ours,
+        }
         forward, train = {}, {}
         for name, module in modules.items():
             def fwd(module=module):
@@ -90,6 +96,8 @@ def main() -> None:
         a = torch.randn(args.tokens, HIDDEN, dtype=dtype)
         b = torch.randn(HIDDEN, int(flops / (2 * args.tokens * HIDDEN)), dtype=dtype)
         matmul = median_seconds(lambda: torch.matmul(a, b), args.repeats)
+        b_t = b.t().contiguous()
+        onednn = median_seconds(lambda: torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], ""), args.repeats)
         label = str(dtype).removeprefix("torch.")
         for name in modules:
             rows.append([
@@ -100,6 +108,8 @@ def main() -> None:
             ])
         gflops = f"{flops / matmul / 1e9:.0f}"
         rows.append([label, "torch.matmul, same FLOPs", f"{matmul * 1e3:.1f}", "-", "-", "-", gflops])
+        gflops = f"{flops / onednn / 1e9:.0f}"
+        rows.append([label, "oneDNN matmul, same FLOPs", f"{onednn * 1e3:.1f}", "-", "-", "-", gflops])
         print(f"{label}: max |shared_moe - transformers| forward = {error:.2e}")
     print_table(
         "MoE layer (median ms; speed-ups are fwd+bwd vs each transformers implementation)",

@@ -8,10 +8,10 @@ Routers (all math in fp32, whatever the model dtype):
   scored by the sum of their top-2 biased scores (DeepSeek-V3, VL2-Base).
 Excluded experts are masked with -inf (a 0.0 fill lets a group with negative biased scores win).
 
-Routed experts run as one sorted grouped GEMM: token-slot pairs are sorted by expert once, both
-projections are single `torch._grouped_mm` calls (padded `bmm` when the shapes break its 16-byte
-stride rule), and the K expert outputs of a token are combined by one batched weighted sum,
-which is deterministic (no atomics, fixed order).
+Routed experts run as one sorted grouped GEMM: token-slot pairs are sorted by expert once, each
+projection is one grouped GEMM call (`gemm.py`: oneDNN on CPU fp32, `torch._grouped_mm`,
+or padded `bmm` when the shapes break its 16-byte stride rule), and the K expert outputs of a
+token are combined by one batched weighted sum, which is deterministic (no atomics, fixed order).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import nn
 
 from .config import MoEConfig
 from .fp32_buffers import Fp32BuffersMixin
+from .gemm import Linear, grouped_linear
 
 
 class MLP(nn.Module):
@@ -29,9 +30,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -83,32 +84,16 @@ class TopkRouter(Fp32BuffersMixin):
         return grouped.masked_fill(~group_mask[..., None], float("-inf")).view_as(choice)
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Rows of x (sorted by expert, counts[e] rows for expert e) times weight[e].T, for weight (E, out, in)."""
-    w_t = weight.transpose(1, 2)
-    out_features, in_features = weight.shape[1:]
-    aligned = (in_features * x.element_size()) % 16 == 0 and (out_features * x.element_size()) % 16 == 0
-    if aligned and hasattr(torch, "_grouped_mm") and weight.is_contiguous():
-        return torch._grouped_mm(x, w_t, offs=offsets)
-    return _padded_bmm(x, w_t, counts, offsets)
-
-
-def _padded_bmm(x: torch.Tensor, w_t: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Fallback: scatter sorted rows into an (E, max_count, in) buffer, one bmm, gather back."""
-    experts = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts)
-    starts = offsets.long() - counts
-    slot = torch.arange(x.shape[0], device=x.device) - starts[experts]
-    buffer = x.new_zeros(len(counts), int(counts.max()), x.shape[-1])
-    buffer = buffer.index_put((experts, slot), x)
-    return torch.bmm(buffer, w_t)[experts, slot]
-
-
 class Experts(nn.Module):
-    """Routed experts stored fused like transformers 5: gate_up_proj (E, 2I, d), down_proj (E, d, I)."""
+    """Routed experts stored fused like transformers 5: gate_up_proj (E, 2I, d), down_proj (E, d, I).
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+    `gemm_backend` picks the grouped GEMM kernel (see `gemm.BACKENDS`); "auto" chooses per device and dtype.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, gemm_backend: str = "auto"):
         super().__init__()
         self.num_experts = num_experts
+        self.gemm_backend = gemm_backend
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
@@ -120,8 +105,8 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=self.num_experts)
         offsets = counts.cumsum(0).to(torch.int32)
         rows = x.index_select(0, order // top_k)  # backward is one index_add, not an accumulating index_put
-        gate, up = grouped_linear(rows, self.gate_up_proj, counts, offsets).chunk(2, dim=-1)
-        out_sorted = grouped_linear(F.silu(gate) * up, self.down_proj, counts, offsets)
+        gate, up = grouped_linear(rows, self.gate_up_proj, counts, offsets, self.gemm_backend).chunk(2, dim=-1)
+        out_sorted = grouped_linear(F.silu(gate) * up, self.down_proj, counts, offsets, self.gemm_backend)
         out = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)
         combine = weights.to(out.dtype).view(tokens, 1, top_k)
         return torch.bmm(combine, out.view(tokens, top_k, -1)).squeeze(1)

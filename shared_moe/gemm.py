@@ -1,0 +1,153 @@
+"""GEMM kernels for the language core: grouped over expert-sorted rows, and dense linears.
+
+On CPU in fp32, torch's matmuls run MKL's sgemm, which takes its AVX2 kernels on AMD CPUs; oneDNN (inside
+libtorch, as `mkldnn::_linear_pointwise`) uses AVX-512 there and is about 2x faster (docs/benchmarks.md).
+Both kernels below route CPU fp32 work through oneDNN with hand-written backwards; everything else keeps
+torch's own kernels.
+
+`Linear`: nn.Linear whose forward takes oneDNN on CPU fp32 (same parameters, hooks and state-dict keys).
+
+`grouped_linear`: rows of expert e times weight[e].T, for weight (E, out, in); three kernels, chosen per call
+by `grouped_linear(..., backend="auto")`:
+* `onednn`: CPU fp32. A small C++ op (csrc/grouped_gemm_onednn.cpp) runs one oneDNN matmul per expert
+  (torch's CPU `_grouped_mm` runs MKL per group), with a hand-written backward. The op is compiled by torch's extension builder on first use (about 10 s, then cached under TORCH_EXTENSIONS_DIR);
+  without a C++ compiler the layer falls back to `grouped_mm` with one warning.
+* `grouped_mm`: `torch._grouped_mm`, when rows and weights meet its 16-byte stride rule (GPU, CPU bf16).
+* `padded_bmm`: every other shape: scatter into an (E, max_count, in) buffer, one `bmm`, gather back.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import subprocess
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+BACKENDS = ("auto", "onednn", "grouped_mm", "padded_bmm")
+_SOURCE = Path(__file__).with_name("csrc") / "grouped_gemm_onednn.cpp"
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (n, in) @ weight (out, in).T (+ bias) through oneDNN; weight may be a strided view (free transposes)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@functools.cache
+def onednn_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """y = x @ W.T + b with all three GEMMs (forward, input and weight gradients) in oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad_x = _onednn_linear(grad_out, weight.t()) if ctx.needs_input_grad[0] else None
+        grad_w = _onednn_linear(grad_out.t(), x.t()) if ctx.needs_input_grad[1] else None
+        grad_b = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+class Linear(nn.Linear):
+    """nn.Linear that runs CPU fp32 inputs through oneDNN; other devices and dtypes keep F.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fp32_cpu = x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+        if not (fp32_cpu and onednn_linear_available()):
+            return F.linear(x, self.weight, self.bias)
+        out = OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Builds (first call in a fresh environment) and loads the oneDNN grouped GEMM op; False if it cannot."""
+    if not onednn_linear_available():
+        return False
+    builder_log = logging.getLogger("torch.utils.cpp_extension")
+    level = builder_log.level
+    builder_log.setLevel(logging.ERROR)  # its import warns that a CPU-only machine has no CUDA runtime
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        builder_log.setLevel(level)
+    try:
+        load(name="shared_moe_grouped_gemm", sources=[str(_SOURCE)], extra_cflags=["-O2"], is_python_module=False)
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
+        warnings.warn(f"oneDNN grouped GEMM unavailable, CPU fp32 experts use torch._grouped_mm: {error}", stacklevel=2)
+        return False
+    return True
+
+
+class OneDNNGroupedLinear(torch.autograd.Function):
+    """Forward and backward as grouped oneDNN matmuls; the weight gradient comes out in the weight's own layout."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, ends: list[int]) -> torch.Tensor:
+        ctx.save_for_backward(rows, weight)
+        ctx.ends = ends
+        return torch.ops.shared_moe.grouped_linear(rows, weight, ends, False)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        rows, weight = ctx.saved_tensors
+        grad_rows = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = torch.ops.shared_moe.grouped_linear(grad_out, weight, ctx.ends, True)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.ops.shared_moe.grouped_weight_grad(grad_out, rows, ctx.ends)
+        return grad_rows, grad_weight, None
+
+
+def pick_backend(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> str:
+    """The kernel `grouped_linear` will run for these tensors."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown grouped GEMM backend {backend!r}; expected one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    if x.device.type == "cpu" and x.dtype == torch.float32 and onednn_available():
+        return "onednn"
+    out_features, in_features = weight.shape[1:]
+    aligned = (in_features * x.element_size()) % 16 == 0 and (out_features * x.element_size()) % 16 == 0
+    if aligned and hasattr(torch, "_grouped_mm") and weight.is_contiguous():
+        return "grouped_mm"
+    return "padded_bmm"
+
+
+def grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor, backend: str = "auto"
+) -> torch.Tensor:
+    """Rows of x (sorted by expert, counts[e] rows for expert e, offsets = int32 cumsum) times weight[e].T."""
+    chosen = pick_backend(x, weight, backend)
+    if chosen == "onednn":
+        if not onednn_available():
+            raise RuntimeError("the oneDNN grouped GEMM could not be built here; use backend='auto' or 'grouped_mm'")
+        return OneDNNGroupedLinear.apply(x, weight, offsets.tolist())
+    if chosen == "grouped_mm":
+        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+    return padded_bmm(x, weight.transpose(1, 2), counts, offsets)
+
+
+def padded_bmm(x: torch.Tensor, w_t: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Scatter sorted rows into an (E, max_count, in) buffer, one bmm with w_t (E, in, out), gather back."""
+    experts = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts)
+    starts = offsets.long() - counts
+    slot = torch.arange(x.shape[0], device=x.device) - starts[experts]
+    buffer = x.new_zeros(len(counts), int(counts.max()), x.shape[-1])
+    buffer = buffer.index_put((experts, slot), x)
+    return torch.bmm(buffer, w_t)[experts, slot]
