@@ -10,8 +10,9 @@ torch's own kernels.
 `grouped_linear`: rows of expert e times weight[e].T, for weight (E, out, in); three kernels, chosen per call
 by `grouped_linear(..., backend="auto")`:
 * `onednn`: CPU fp32. A small C++ op (csrc/grouped_gemm_onednn.cpp) runs one oneDNN matmul per expert
-  (torch's CPU `_grouped_mm` runs MKL per group), with a hand-written backward. The op is compiled by torch's extension builder on first use (about 10 s, then cached under TORCH_EXTENSIONS_DIR);
-  without a C++ compiler the layer falls back to `grouped_mm` with one warning.
+  (torch's CPU `_grouped_mm` runs MKL per group), with a hand-written backward. torch's extension builder
+  compiles the op on first use (about 10 s, then cached under TORCH_EXTENSIONS_DIR); without a C++
+  compiler the layer falls back to `grouped_mm` with one warning.
 * `grouped_mm`: `torch._grouped_mm`, when rows and weights meet its 16-byte stride rule (GPU, CPU bf16).
 * `padded_bmm`: every other shape: scatter into an (E, max_count, in) buffer, one `bmm`, gather back.
 """
