@@ -20,6 +20,7 @@ from torch import nn
 
 from .cache import KVCache, LatentCache
 from .config import MoEConfig
+from .gemm import Linear
 from .norm import RMSNorm
 from .rope import rotate_halves, rotate_interleaved, softmax_scale
 
@@ -64,10 +65,10 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = config.mha_head_dim
         self.scale = softmax_scale(self.head_dim, config.rope_parameters)
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
     def new_cache(self) -> KVCache:
         return KVCache()
@@ -115,15 +116,15 @@ class MultiHeadLatentAttention(nn.Module):
         self.scale = softmax_scale(qk_head_dim, config.rope_parameters)
         d, h = config.hidden_size, self.num_heads
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(d, h * qk_head_dim, bias=False)
+            self.q_proj = Linear(d, h * qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(d, self.q_lora_rank, bias=config.attention_bias)
+            self.q_a_proj = Linear(d, self.q_lora_rank, bias=config.attention_bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, h * qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora_rank + self.rope_dim, bias=config.attention_bias)
+            self.q_b_proj = Linear(self.q_lora_rank, h * qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(d, self.kv_lora_rank + self.rope_dim, bias=config.attention_bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, h * (self.nope_dim + self.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(h * self.v_head_dim, d, bias=config.attention_bias)
+        self.kv_b_proj = Linear(self.kv_lora_rank, h * (self.nope_dim + self.v_head_dim), bias=False)
+        self.o_proj = Linear(h * self.v_head_dim, d, bias=config.attention_bias)
 
     def new_cache(self) -> LatentCache:
         return LatentCache()

@@ -64,11 +64,18 @@ class OneDNNLinear(torch.autograd.Function):
 
 
 class Linear(nn.Linear):
-    """nn.Linear that runs CPU fp32 inputs through oneDNN; other devices and dtypes keep F.linear."""
+    """nn.Linear that runs CPU fp32 inputs through oneDNN; other devices and dtypes keep F.linear.
+
+    Products under `ONEDNN_MIN_MACS` multiply-adds also keep F.linear: there oneDNN's fixed per-call cost
+    (about 10 us) outweighs its faster kernel.
+    """
+
+    ONEDNN_MIN_MACS = 1 << 20
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fp32_cpu = x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-        if not (fp32_cpu and onednn_linear_available()):
+        large = x.numel() * self.out_features >= self.ONEDNN_MIN_MACS
+        if not (fp32_cpu and large and onednn_linear_available()):
             return F.linear(x, self.weight, self.bias)
         out = OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
         return out.view(*x.shape[:-1], out.shape[-1])

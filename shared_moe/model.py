@@ -16,6 +16,7 @@ from .attention import MultiHeadAttention, MultiHeadLatentAttention, attention_b
 from .cache import Cache
 from .checkpoint import load_into, save_pretrained
 from .config import MoEConfig
+from .gemm import Linear
 from .generation import generate, stream
 from .moe import MLP, MoE
 from .norm import RMSNorm
@@ -58,10 +59,10 @@ class MTPLayer(DecoderLayer):
         d = config.hidden_size
         self.enorm = RMSNorm(d, config.rms_norm_eps)
         self.hnorm = RMSNorm(d, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * d, d, bias=False)
+        self.eh_proj = Linear(2 * d, d, bias=False)
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(d, config.rms_norm_eps)
-        self.shared_head.head = nn.Linear(d, config.vocab_size, bias=False)
+        self.shared_head.head = Linear(d, config.vocab_size, bias=False)
 
     def predict(self, token_embeds, prev_hidden, rope, mask, cache) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (logits, hidden) for the positions of `prev_hidden`."""
@@ -87,7 +88,7 @@ class MoEForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = MoEModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(config.rope_dim, config.rope_parameters)

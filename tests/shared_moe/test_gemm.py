@@ -79,12 +79,13 @@ def test_onednn_op_builds_where_a_compiler_exists():
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_nn_linear_forward_and_backward(bias):
     torch.manual_seed(0)
-    ours = Linear(24, 40, bias=bias)
-    reference = torch.nn.Linear(24, 40, bias=bias)
+    ours = Linear(256, 320, bias=bias)
+    reference = torch.nn.Linear(256, 320, bias=bias)
     reference.load_state_dict(ours.state_dict())
-    x = torch.randn(3, 7, 24, requires_grad=True)
+    x = torch.randn(3, 40, 256, requires_grad=True)  # 9.8M multiply-adds: over the oneDNN threshold
     got, expected = ours(x), reference(x)
-    assert got.shape == (3, 7, 40) and (got - expected).abs().max() < 1e-5
+    assert got.shape == (3, 40, 320) and (got - expected).abs().max() < 1e-4
+    assert not torch.equal(got, expected)  # a different kernel ran (and rounded differently)
     upstream = torch.randn(got.shape)
     grads = torch.autograd.grad((got * upstream).sum(), [x, *ours.parameters()])
     ref = torch.autograd.grad((expected * upstream).sum(), [x, *reference.parameters()])
@@ -92,7 +93,10 @@ def test_linear_matches_nn_linear_forward_and_backward(bias):
         assert g.shape == r.shape and (g - r).abs().max() < 1e-4
 
 
-def test_linear_keeps_f_linear_outside_cpu_fp32():
-    layer = Linear(8, 4).bfloat16()
-    x = torch.randn(5, 8).bfloat16()
+def test_linear_keeps_f_linear_outside_cpu_fp32_and_for_tiny_products():
+    layer = Linear(256, 320).bfloat16()
+    x = torch.randn(3, 40, 256).bfloat16()
     assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    tiny = Linear(8, 4)
+    x = torch.randn(5, 8)
+    assert torch.equal(tiny(x), torch.nn.functional.linear(x, tiny.weight, tiny.bias))

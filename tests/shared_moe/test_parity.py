@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import shared_moe
+from shared_moe.gemm import Linear
 
 TOL = 1e-5
 
@@ -23,8 +24,16 @@ CASES = {
 }
 
 
+@pytest.fixture(params=["default-kernels", "onednn-for-every-linear"])
+def kernels(request, monkeypatch):
+    """Tiny models sit under Linear's oneDNN size threshold; the second run sends every projection through oneDNN."""
+    if request.param == "onednn-for-every-linear":
+        monkeypatch.setattr(Linear, "ONEDNN_MIN_MACS", 0)
+    return request.param
+
+
 @pytest.fixture(params=sorted(CASES))
-def pair(request, tiny_checkpoint):
+def pair(request, tiny_checkpoint, kernels):
     kind, original, overrides = CASES[request.param]
     hf, folder = tiny_checkpoint(kind, original_format=original, **overrides)
     return hf, shared_moe.from_pretrained(folder, dtype=torch.float32)
