@@ -44,6 +44,11 @@ def onednn_linear_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def _plain_cpu_fp32(x: torch.Tensor) -> bool:
+    """fp32 on CPU and not under CPU autocast (which must keep choosing its own dtype for F.linear)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
 class OneDNNLinear(torch.autograd.Function):
     """y = x @ W.T + b with all three GEMMs (forward, input and weight gradients) in oneDNN."""
 
@@ -73,7 +78,7 @@ class Linear(nn.Linear):
     ONEDNN_MIN_MACS = 1 << 20
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fp32_cpu = x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+        fp32_cpu = _plain_cpu_fp32(x) and self.weight.dtype == torch.float32
         large = x.numel() * self.out_features >= self.ONEDNN_MIN_MACS
         if not (fp32_cpu and large and onednn_linear_available()):
             return F.linear(x, self.weight, self.bias)
@@ -128,7 +133,7 @@ def pick_backend(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -
         raise ValueError(f"unknown grouped GEMM backend {backend!r}; expected one of {BACKENDS}")
     if backend != "auto":
         return backend
-    if x.device.type == "cpu" and x.dtype == torch.float32 and onednn_available():
+    if _plain_cpu_fp32(x) and onednn_available():
         return "onednn"
     out_features, in_features = weight.shape[1:]
     aligned = (in_features * x.element_size()) % 16 == 0 and (out_features * x.element_size()) % 16 == 0

@@ -100,3 +100,11 @@ def test_linear_keeps_f_linear_outside_cpu_fp32_and_for_tiny_products():
     tiny = Linear(8, 4)
     x = torch.randn(5, 8)
     assert torch.equal(tiny(x), torch.nn.functional.linear(x, tiny.weight, tiny.bias))
+
+
+def test_cpu_autocast_keeps_its_dtype_choice():
+    layer = Linear(256, 320)
+    x = inputs(16, 24)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(3, 40, 256)).dtype == torch.bfloat16
+        assert pick_backend(x, torch.zeros(6, 24, 16)) != "onednn"
