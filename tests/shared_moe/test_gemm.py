@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -108,3 +111,24 @@ def test_cpu_autocast_keeps_its_dtype_choice():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(torch.randn(3, 40, 256)).dtype == torch.bfloat16
         assert pick_backend(x, torch.zeros(6, 24, 16)) != "onednn"
+
+
+def test_without_a_compiler_the_experts_fall_back_to_grouped_mm(tmp_path):
+    """A machine that cannot build the op warns once and still computes the same experts."""
+    script = (
+        "import torch, warnings\n"
+        "from shared_moe.moe import Experts\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    experts = Experts(4, 32, 16)\n"
+        "    torch.nn.init.normal_(experts.gate_up_proj); torch.nn.init.normal_(experts.down_proj)\n"
+        "    x = torch.randn(10, 32); idx = torch.randint(0, 4, (10, 2)); w = torch.rand(10, 2)\n"
+        "    auto = experts(x, idx, w)\n"
+        "    experts.gemm_backend = 'grouped_mm'\n"
+        "    assert torch.equal(auto, experts(x, idx, w))\n"
+        "assert sum('oneDNN grouped GEMM unavailable' in str(w.message) for w in caught) == 1, caught\n"
+        "print('fell back')\n"
+    )
+    env = {**os.environ, "CXX": "/bin/false", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "fell back" in done.stdout, done.stderr[-2000:]
