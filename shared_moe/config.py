@@ -201,8 +201,8 @@ _MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     # transformers DeepseekV2Config defaults.
     "deepseek_v2": dict(
         vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        max_position_embeddings=2048, use_mla=True, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-        v_head_dim=128, n_routed_experts=64, n_shared_experts=2, moe_intermediate_size=1407,
+        max_position_embeddings=2048, use_mla=True, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2, moe_intermediate_size=1407,
         first_k_dense_replace=0, topk_method="greedy", routed_scaling_factor=1.0, norm_topk_prob=False,
         rope_interleave=True,
     ),

@@ -10,9 +10,8 @@ torch's own kernels.
 `grouped_linear`: rows of expert e times weight[e].T, for weight (E, out, in); three kernels, chosen per call
 by `grouped_linear(..., backend="auto")`:
 * `onednn`: CPU fp32. A small C++ op (csrc/grouped_gemm_onednn.cpp) runs one oneDNN matmul per expert
-  (torch's CPU `_grouped_mm` runs MKL per group), with a hand-written backward. torch's extension builder
-  compiles the op on first use (about 10 s, then cached under TORCH_EXTENSIONS_DIR); without a C++
-  compiler the layer falls back to `grouped_mm` with one warning.
+  (torch's CPU `_grouped_mm` runs MKL per group), with a hand-written backward. The op is built on first
+  use (cpu_ext.py); without a C++ compiler the layer falls back to `grouped_mm` with one warning.
 * `grouped_mm`: `torch._grouped_mm`, when rows and weights meet its 16-byte stride rule (GPU, CPU bf16).
 * `padded_bmm`: every other shape: scatter into an (E, max_count, in) buffer, one `bmm`, gather back.
 """
@@ -20,18 +19,15 @@ by `grouped_linear(..., backend="auto")`:
 from __future__ import annotations
 
 import functools
-import logging
-import subprocess
-import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from . import cpu_ext
+
 BACKENDS = ("auto", "onednn", "grouped_mm", "padded_bmm")
-_SOURCE = Path(__file__).with_name("csrc") / "grouped_gemm_onednn.cpp"
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,24 +82,9 @@ class Linear(nn.Linear):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
-@functools.cache
 def onednn_available() -> bool:
-    """Builds (first call in a fresh environment) and loads the oneDNN grouped GEMM op; False if it cannot."""
-    if not onednn_linear_available():
-        return False
-    builder_log = logging.getLogger("torch.utils.cpp_extension")
-    level = builder_log.level
-    builder_log.setLevel(logging.ERROR)  # its import warns that a CPU-only machine has no CUDA runtime
-    try:
-        from torch.utils.cpp_extension import load
-    finally:
-        builder_log.setLevel(level)
-    try:
-        load(name="shared_moe_grouped_gemm", sources=[str(_SOURCE)], extra_cflags=["-O2"], is_python_module=False)
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
-        warnings.warn(f"oneDNN grouped GEMM unavailable, CPU fp32 experts use torch._grouped_mm: {error}", stacklevel=2)
-        return False
-    return True
+    """Whether the oneDNN grouped GEMM op is built and loaded (see cpu_ext)."""
+    return onednn_linear_available() and cpu_ext.available()
 
 
 class OneDNNGroupedLinear(torch.autograd.Function):

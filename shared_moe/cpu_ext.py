@@ -1,0 +1,40 @@
+"""The core's C++ CPU ops (shared_moe/csrc), built by torch's extension builder on first use.
+
+`shared_moe::grouped_linear` and `shared_moe::grouped_weight_grad`: grouped GEMM through oneDNN (gemm.py).
+
+The first build takes about 10 s on a 2-core machine; torch caches it under TORCH_EXTENSIONS_DIR (default
+~/.cache/torch_extensions). Without a C++ compiler and ninja, `available()` warns once and returns False, and
+the callers use plain torch ops instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import subprocess
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCES = [Path(__file__).with_name("csrc") / "grouped_gemm_onednn.cpp"]
+
+
+@functools.cache
+def available() -> bool:
+    """Builds (first call in a fresh environment) and loads the ops; False if this machine cannot."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    builder_log = logging.getLogger("torch.utils.cpp_extension")
+    level = builder_log.level
+    builder_log.setLevel(logging.ERROR)  # its import warns that a CPU-only machine has no CUDA runtime
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        builder_log.setLevel(level)
+    try:
+        load(name="shared_moe_cpu_ops", sources=[str(p) for p in SOURCES], extra_cflags=["-O3"], is_python_module=False)
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
+        warnings.warn(f"shared_moe's C++ CPU ops unavailable, falling back to plain torch ops: {error}", stacklevel=2)
+        return False
+    return True
