@@ -132,3 +132,13 @@ def test_without_a_compiler_the_experts_fall_back_to_grouped_mm(tmp_path):
     env = {**os.environ, "CXX": "/bin/false", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "fell back" in done.stdout, done.stderr[-2000:]
+
+
+def test_onednn_handles_no_rows_at_all():
+    x = torch.zeros(0, 16, requires_grad=True)
+    weight = torch.randn(3, 8, 16, requires_grad=True)
+    counts = torch.zeros(3, dtype=torch.long)
+    out = grouped_linear(x, weight, counts, counts.cumsum(0).to(torch.int32), "onednn")
+    assert out.shape == (0, 8)
+    out.sum().backward()
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and x.grad.shape == (0, 16)
