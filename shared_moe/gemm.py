@@ -5,7 +5,7 @@ libtorch, as `mkldnn::_linear_pointwise`) uses AVX-512 there and is about 2x fas
 Both kernels below route CPU fp32 work through oneDNN with hand-written backwards; everything else keeps
 torch's own kernels.
 
-`Linear`: nn.Linear whose forward takes oneDNN on CPU fp32 (same parameters, hooks and state-dict keys).
+`linear` / `Linear`: F.linear / nn.Linear that take oneDNN on CPU fp32 (same parameters, hooks and keys).
 
 `grouped_linear`: rows of expert e times weight[e].T, for weight (E, out, in); three kernels, chosen per call
 by `grouped_linear(..., backend="auto")`:
@@ -64,22 +64,24 @@ class OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+ONEDNN_MIN_MACS = 1 << 20  # below this, oneDNN's fixed per-call cost (about 10 us) outweighs its faster kernel
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through oneDNN for CPU fp32 products of at least ONEDNN_MIN_MACS multiply-adds."""
+    fp32_cpu = _plain_cpu_fp32(x) and weight.dtype == torch.float32
+    large = x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
+    if not (fp32_cpu and large and onednn_linear_available()):
+        return F.linear(x, weight, bias)
+    out = OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 class Linear(nn.Linear):
-    """nn.Linear that runs CPU fp32 inputs through oneDNN; other devices and dtypes keep F.linear.
-
-    Products under `ONEDNN_MIN_MACS` multiply-adds also keep F.linear: there oneDNN's fixed per-call cost
-    (about 10 us) outweighs its faster kernel.
-    """
-
-    ONEDNN_MIN_MACS = 1 << 20
+    """nn.Linear whose forward is `linear` above: oneDNN for large CPU fp32 products, F.linear otherwise."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fp32_cpu = _plain_cpu_fp32(x) and self.weight.dtype == torch.float32
-        large = x.numel() * self.out_features >= self.ONEDNN_MIN_MACS
-        if not (fp32_cpu and large and onednn_linear_available()):
-            return F.linear(x, self.weight, self.bias)
-        out = OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return linear(x, self.weight, self.bias)
 
 
 def onednn_available() -> bool:

@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import MoEConfig
 from .fp32_buffers import Fp32BuffersMixin
-from .gemm import Linear, grouped_linear
+from .gemm import Linear, grouped_linear, linear
 
 
 class MLP(nn.Module):
@@ -60,7 +60,7 @@ class TopkRouter(Fp32BuffersMixin):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, d) -> (fp32 scores (N, E), fp32 weights (N, K), indices (N, K))."""
-        logits = F.linear(x.float(), self.weight.float())
+        logits = linear(x.float(), self.weight.float())
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         choice = scores
         if self.method == "noaux_tc":
