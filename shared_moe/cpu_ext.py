@@ -4,8 +4,7 @@
 
 The first build takes about 10 s on a 2-core machine; torch caches it under TORCH_EXTENSIONS_DIR (default
 ~/.cache/torch_extensions). Without a C++ compiler and ninja, `available()` warns once and returns False, and
-the callers use plain torch ops instead. A first build killed half-way can leave a `lock` file in that folder,
-on which later builds wait; deleting the folder `shared_moe_cpu_ops` there clears it.
+the callers use plain torch ops instead.
 """
 
 from __future__ import annotations

@@ -41,26 +41,37 @@ def onednn_linear_available() -> bool:
 
 
 def _plain_cpu_fp32(x: torch.Tensor) -> bool:
-    """fp32 on CPU and not under CPU autocast (which must keep choosing its own dtype for F.linear)."""
+    """fp32 on CPU, run eagerly: not under CPU autocast (which picks its own dtype), torch.compile or torch.func
+    transforms (which trace or batch ops and need torch's own, with their compile and vmap rules)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
     return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
 
 
 class OneDNNLinear(torch.autograd.Function):
-    """y = x @ W.T + b with all three GEMMs (forward, input and weight gradients) in oneDNN."""
+    """y = x @ W.T + b with all three GEMMs (forward, input and weight gradients) in oneDNN.
+
+    Under create_graph=True (a double backward) the gradients use plain differentiable matmuls instead.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
+        needs_x, needs_weight = ctx.needs_input_grad[:2]
+        ctx.save_for_backward(x if needs_weight else None, weight if needs_x else None)
         ctx.has_bias = bias is not None
-        return _onednn_linear(x, weight, bias)
+        return _onednn_linear(x, weight, None if bias is None else bias.contiguous())  # oneDNN ignores bias strides
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        grad_x = _onednn_linear(grad_out, weight.t()) if ctx.needs_input_grad[0] else None
-        grad_w = _onednn_linear(grad_out.t(), x.t()) if ctx.needs_input_grad[1] else None
-        grad_b = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        differentiable = torch.is_grad_enabled()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ weight if differentiable else _onednn_linear(grad_out, weight.t())
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_out.t() @ x if differentiable else _onednn_linear(grad_out.t(), x.t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(0)
         return grad_x, grad_w, grad_b
 
 
@@ -70,7 +81,7 @@ ONEDNN_MIN_MACS = 1 << 20  # below this, oneDNN's fixed per-call cost (about 10 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through oneDNN for CPU fp32 products of at least ONEDNN_MIN_MACS multiply-adds."""
     fp32_cpu = _plain_cpu_fp32(x) and weight.dtype == torch.float32
-    large = x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
+    large = x.numel() > 0 and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
     if not (fp32_cpu and large and onednn_linear_available()):
         return F.linear(x, weight, bias)
     out = OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
@@ -90,11 +101,15 @@ def onednn_available() -> bool:
 
 
 class OneDNNGroupedLinear(torch.autograd.Function):
-    """Forward and backward as grouped oneDNN matmuls; the weight gradient comes out in the weight's own layout."""
+    """Forward and backward as grouped oneDNN matmuls; the weight gradient comes out in the weight's own layout.
+
+    Once differentiable: for double backward through the experts, set `Experts.gemm_backend = "grouped_mm"`.
+    """
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, ends: list[int]) -> torch.Tensor:
-        ctx.save_for_backward(rows, weight)
+        needs_rows, needs_weight = ctx.needs_input_grad[:2]
+        ctx.save_for_backward(rows if needs_weight else None, weight if needs_rows else None)
         ctx.ends = ends
         return torch.ops.shared_moe.grouped_linear(rows, weight, ends, False)
 

@@ -10,8 +10,12 @@ import sys
 import pytest
 import torch
 
-from shared_moe.gemm import Linear, grouped_linear, onednn_available, pick_backend
+from shared_moe import gemm
+from shared_moe.gemm import Linear, grouped_linear, linear, onednn_available, pick_backend
 
+# The oneDNN grouped GEMM is a C++ op built on first use; machines without a compiler fall back (tested below).
+requires_onednn = pytest.mark.skipif(shutil.which("c++") is None or shutil.which("ninja") is None,
+                                     reason="the oneDNN grouped GEMM op needs a C++ compiler and ninja")
 COUNTS = [3, 0, 5, 1, 0, 7]  # idle experts in the middle and at the end, one single-row expert
 
 
@@ -27,7 +31,7 @@ def inputs(in_features: int, out_features: int, dtype: torch.dtype = torch.float
     return x, weight, counts, counts.cumsum(0).to(torch.int32)
 
 
-@pytest.mark.parametrize("backend", ["onednn", "grouped_mm", "padded_bmm"])
+@pytest.mark.parametrize("backend", [pytest.param("onednn", marks=requires_onednn), "grouped_mm", "padded_bmm"])
 def test_backends_match_per_expert_matmuls_with_gradients(backend):
     x, weight, counts, offsets = inputs(16, 24)
     got = grouped_linear(x, weight, counts, offsets, backend)
@@ -42,6 +46,7 @@ def test_backends_match_per_expert_matmuls_with_gradients(backend):
     assert torch.equal(grads[1][1], torch.zeros_like(grads[1][1]))  # an idle expert gets an exact zero gradient
 
 
+@requires_onednn
 def test_onednn_matches_grouped_mm_at_moe_layer_shapes():
     """Same rows, same weights, the two kernels the auto choice alternates between (fp32 CPU vs the rest)."""
     gen = torch.Generator().manual_seed(2)
@@ -54,6 +59,7 @@ def test_onednn_matches_grouped_mm_at_moe_layer_shapes():
     assert (onednn - grouped).abs().max() < 1e-5
 
 
+@requires_onednn
 def test_auto_picks_onednn_for_cpu_fp32_and_grouped_mm_for_bf16():
     x, weight, *_ = inputs(16, 24)
     assert pick_backend(x, weight) == "onednn"
@@ -63,7 +69,9 @@ def test_auto_picks_onednn_for_cpu_fp32_and_grouped_mm_for_bf16():
         pick_backend(x, weight, "cutlass")
 
 
+@requires_onednn
 def test_onednn_op_rejects_offsets_that_do_not_cover_the_rows():
+    assert onednn_available()  # loads torch.ops.shared_moe when this test runs alone
     x, weight, *_ = inputs(16, 24)
     with pytest.raises(RuntimeError, match="last end offset"):
         torch.ops.shared_moe.grouped_linear(x.detach(), weight.detach(), [3, 3, 8, 9, 9, 15], False)
@@ -73,14 +81,28 @@ def test_onednn_op_rejects_offsets_that_do_not_cover_the_rows():
         torch.ops.shared_moe.grouped_linear(x.detach(), weight.detach(), [16], False)
 
 
-@pytest.mark.skipif(shutil.which("c++") is None or shutil.which("ninja") is None, reason="needs a C++ compiler")
+@requires_onednn
 def test_onednn_op_builds_where_a_compiler_exists():
     """Guards the fallback: without this, a broken build would silently cost the 2x on AMD CPUs."""
     assert onednn_available()
 
 
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """Counts the products that went through oneDNN (so a test can tell which kernel ran)."""
+    calls = []
+    real = gemm._onednn_linear
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gemm, "_onednn_linear", counted)
+    return calls
+
+
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_matches_nn_linear_forward_and_backward(bias):
+def test_linear_matches_nn_linear_forward_and_backward(bias, onednn_calls):
     torch.manual_seed(0)
     ours = Linear(256, 320, bias=bias)
     reference = torch.nn.Linear(256, 320, bias=bias)
@@ -88,12 +110,43 @@ def test_linear_matches_nn_linear_forward_and_backward(bias):
     x = torch.randn(3, 40, 256, requires_grad=True)  # 9.8M multiply-adds: over the oneDNN threshold
     got, expected = ours(x), reference(x)
     assert got.shape == (3, 40, 320) and (got - expected).abs().max() < 1e-4
-    assert not torch.equal(got, expected)  # a different kernel ran (and rounded differently)
+    assert len(onednn_calls) == 1
     upstream = torch.randn(got.shape)
     grads = torch.autograd.grad((got * upstream).sum(), [x, *ours.parameters()])
     ref = torch.autograd.grad((expected * upstream).sum(), [x, *reference.parameters()])
     for g, r in zip(grads, ref):
         assert g.shape == r.shape and (g - r).abs().max() < 1e-4
+    assert len(onednn_calls) == 3  # forward, input gradient, weight gradient
+
+
+def test_linear_with_a_strided_bias_and_empty_inputs(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(200, 256, generator=gen), torch.randn(320, 256, generator=gen)
+    bias = torch.randn(640, generator=gen)[::2]  # oneDNN reads bias memory as contiguous; linear must not pass this
+    assert (linear(x, weight, bias) - torch.nn.functional.linear(x, weight, bias)).abs().max() < 1e-4
+    monkeypatch.setattr(gemm, "ONEDNN_MIN_MACS", 0)
+    assert linear(torch.zeros(0, 256), weight).shape == (0, 320)
+    assert linear(torch.zeros(5, 0), torch.zeros(3, 0)).shape == (5, 3)
+
+
+def test_linear_supports_double_backward_and_torch_func(onednn_calls):
+    torch.manual_seed(0)
+    ours = Linear(256, 320)
+    reference = torch.nn.Linear(256, 320)
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(40, 256, requires_grad=True)
+
+    def gradient_penalty(layer):
+        (grad_x,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+        return torch.autograd.grad(grad_x.pow(2).sum(), layer.weight)[0]
+
+    assert (gradient_penalty(ours) - gradient_penalty(reference)).abs().max() < 1e-2
+    assert onednn_calls  # the first-order forward did go through oneDNN
+    params = dict(ours.named_parameters())
+    per_sample = torch.func.vmap(torch.func.grad(
+        lambda p, row: torch.func.functional_call(ours, p, (row[None],)).sum()), in_dims=(None, 0))(params, x[:4])
+    assert per_sample["weight"].shape == (4, 320, 256)
+    assert torch.allclose(per_sample["bias"], torch.ones(4, 320))
 
 
 def test_linear_keeps_f_linear_outside_cpu_fp32_and_for_tiny_products():
@@ -134,6 +187,7 @@ def test_without_a_compiler_the_experts_fall_back_to_grouped_mm(tmp_path):
     assert done.returncode == 0 and "fell back" in done.stdout, done.stderr[-2000:]
 
 
+@requires_onednn
 def test_onednn_handles_no_rows_at_all():
     x = torch.zeros(0, 16, requires_grad=True)
     weight = torch.randn(3, 8, 16, requires_grad=True)
