@@ -31,6 +31,11 @@ PRODUCTS = [
 ]
 
 
+def row(name: str, flops: int, torch_s: float, onednn_s: float) -> list[str]:
+    return [name, f"{torch_s * 1e6:.0f}", f"{onednn_s * 1e6:.0f}", f"{flops / torch_s / 1e9:.0f}",
+            f"{flops / onednn_s / 1e9:.0f}", f"{torch_s / onednn_s:.2f}x"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50)
@@ -42,25 +47,19 @@ def main() -> None:
         a, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
         mkl = median_seconds(lambda: torch.nn.functional.linear(a, w), args.repeats)
         onednn = median_seconds(lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], ""), args.repeats)
-        flops = 2 * m * k * n
-        rows.append([f"{name} {m}x{k}->{n}", f"{mkl * 1e6:.0f}", f"{onednn * 1e6:.0f}",
-                     f"{flops / mkl / 1e9:.0f}", f"{flops / onednn / 1e9:.0f}", f"{mkl / onednn:.2f}x"])
+        rows.append(row(f"{name} {m}x{k}->{n}", 2 * m * k * n, mkl, onednn))
     dy, x = torch.randn(192, 512, generator=gen), torch.randn(192, 256, generator=gen)
     mkl = median_seconds(lambda: dy.t() @ x, args.repeats)
     onednn = median_seconds(lambda: torch.ops.mkldnn._linear_pointwise(dy.t(), x.t(), None, "none", [], ""),
                             args.repeats)
-    flops = 2 * 192 * 512 * 256
-    rows.append(["expert weight grad (down) 512x192->256", f"{mkl * 1e6:.0f}", f"{onednn * 1e6:.0f}",
-                 f"{flops / mkl / 1e9:.0f}", f"{flops / onednn / 1e9:.0f}", f"{mkl / onednn:.2f}x"])
+    rows.append(row("expert weight grad (down) 512x192->256", 2 * 192 * 512 * 256, mkl, onednn))
 
     counts = torch.bincount(torch.randint(0, 64, (12288,), generator=gen), minlength=64)
     offsets = counts.cumsum(0).to(torch.int32)
     x, weight = torch.randn(12288, 512, generator=gen), torch.randn(64, 512, 512, generator=gen)
     mkl = median_seconds(lambda: grouped_linear(x, weight, counts, offsets, "grouped_mm"), max(args.repeats // 10, 3))
     onednn = median_seconds(lambda: grouped_linear(x, weight, counts, offsets, "onednn"), max(args.repeats // 10, 3))
-    flops = 2 * 12288 * 512 * 512
-    rows.append(["grouped: 64 experts, 12288 rows, 512->512", f"{mkl * 1e6:.0f}", f"{onednn * 1e6:.0f}",
-                 f"{flops / mkl / 1e9:.0f}", f"{flops / onednn / 1e9:.0f}", f"{mkl / onednn:.2f}x"])
+    rows.append(row("grouped: 64 experts, 12288 rows, 512->512", 2 * 12288 * 512 * 512, mkl, onednn))
     print_table(
         "fp32 products (median us; torch = F.linear or torch._grouped_mm, i.e. MKL per product)",
         ["product", "torch us", "oneDNN us", "torch GFLOP/s", "oneDNN GFLOP/s", "speed-up"],
