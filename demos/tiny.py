@@ -63,11 +63,11 @@ def make_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_config(tokenizer: PreTrainedTokenizerFast) -> VL2Config:
-    """VL2-Tiny's configuration with small widths; the vocabulary is exactly the tokenizer's."""
-    language = {
+def shrunk_language_config(vocab_size: int, **overrides) -> dict:
+    """VL2-Tiny's released language config (MHA, dense layer 0, softmax greedy DeepSeekMoE), shrunk."""
+    return {
         **VL2_TINY_LANGUAGE,
-        "vocab_size": len(tokenizer),
+        "vocab_size": vocab_size,
         "hidden_size": 64,
         "intermediate_size": 128,
         "num_hidden_layers": 3,
@@ -76,9 +76,15 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast) -> VL2Config:
         "n_routed_experts": 8,
         "num_experts_per_tok": 2,
         "moe_intermediate_size": 32,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
+        **overrides,
     }
+
+
+def tiny_config(tokenizer: PreTrainedTokenizerFast) -> VL2Config:
+    """VL2-Tiny's configuration with small widths; the vocabulary is exactly the tokenizer's."""
+    language = shrunk_language_config(
+        len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+    )
     vision = SigLIPConfig(
         image_size=384, patch_size=14, width=32, layers=2, heads=2, mlp_dim=120, gelu_approximate="tanh"
     )

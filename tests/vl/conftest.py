@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from vl.modeling_vl2 import VL2_TINY_LANGUAGE
+from demos.tiny import shrunk_language_config as vl2_tiny_language_config
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 VL1_SPECIALS = ["<image_placeholder>"]
@@ -66,24 +66,6 @@ def llama_text_config(vocab: int, **overrides) -> dict:
         max_position_embeddings=4096,
         tie_word_embeddings=False,
     )
-    cfg.update(overrides)
-    return cfg
-
-
-def vl2_tiny_language_config(vocab: int, **overrides) -> dict:
-    """VL2-Tiny's released language config (MHA, dense layer 0, softmax greedy DeepSeekMoE), shrunk."""
-    cfg = {
-        **VL2_TINY_LANGUAGE,
-        "vocab_size": vocab,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "n_routed_experts": 8,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 32,
-    }
     cfg.update(overrides)
     return cfg
 
