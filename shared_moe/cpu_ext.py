@@ -1,8 +1,9 @@
 """The core's C++ CPU ops (shared_moe/csrc), built by torch's extension builder on first use.
 
 `shared_moe::grouped_linear` and `shared_moe::grouped_weight_grad`: grouped GEMM through oneDNN (gemm.py).
+`shared_moe::swiglu`, `weighted_gather_sum` and their backwards: fused AVX-512 expert kernels (expert_ops.py).
 
-The first build takes about 10 s on a 2-core machine; torch caches it under TORCH_EXTENSIONS_DIR (default
+The first build takes 10-20 s on a 2-core machine; torch caches it under TORCH_EXTENSIONS_DIR (default
 ~/.cache/torch_extensions). Without a C++ compiler and ninja, `available()` warns once and returns False, and
 the callers use plain torch ops instead.
 """
@@ -16,7 +17,7 @@ import warnings
 from pathlib import Path
 
 
-SOURCES = [Path(__file__).with_name("csrc") / "grouped_gemm_onednn.cpp"]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("grouped_gemm_onednn.cpp", "moe_kernels_avx512.cpp")]
 
 
 @functools.cache
@@ -30,7 +31,13 @@ def available() -> bool:
     finally:
         builder_log.setLevel(level)
     try:
-        load(name="shared_moe_cpu_ops", sources=[str(p) for p in SOURCES], extra_cflags=["-O3"], is_python_module=False)
+        load(
+            name="shared_moe_cpu_ops",
+            sources=[str(p) for p in SOURCES],
+            extra_cflags=["-O3", "-fopenmp"],  # at::parallel_for is OpenMP pragmas in torch's headers
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
     except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
         warnings.warn(f"shared_moe's C++ CPU ops unavailable, falling back to plain torch ops: {error}", stacklevel=2)
         return False

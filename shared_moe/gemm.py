@@ -40,12 +40,16 @@ def onednn_linear_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _plain_cpu_fp32(x: torch.Tensor) -> bool:
-    """fp32 on CPU, run eagerly: not under CPU autocast (which picks its own dtype), torch.compile or torch.func
+def eager_cpu(x: torch.Tensor) -> bool:
+    """On CPU, run eagerly: not under CPU autocast (which picks its own dtype), torch.compile or torch.func
     transforms (which trace or batch ops and need torch's own, with their compile and vmap rules)."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
-    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    return x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+
+
+def _plain_cpu_fp32(x: torch.Tensor) -> bool:
+    return eager_cpu(x) and x.dtype == torch.float32
 
 
 class OneDNNLinear(torch.autograd.Function):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
+from .expert_ops import combine, swiglu
 from .fp32_buffers import Fp32BuffersMixin
 from .gemm import Linear, grouped_linear, linear
 
@@ -99,17 +100,15 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, d), indices/weights (N, K) -> sum_k weights[:, k] * expert_{indices[:, k]}(x), shape (N, d)."""
-        tokens, top_k = indices.shape
+        top_k = indices.shape[1]
         flat = indices.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts)
         offsets = counts.cumsum(0).to(torch.int32)
         rows = x.index_select(0, order // top_k)  # backward is one index_add, not an accumulating index_put
-        gate, up = grouped_linear(rows, self.gate_up_proj, counts, offsets, self.gemm_backend).chunk(2, dim=-1)
-        out_sorted = grouped_linear(F.silu(gate) * up, self.down_proj, counts, offsets, self.gemm_backend)
-        out = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)
-        combine = weights.to(out.dtype).view(tokens, 1, top_k)
-        return torch.bmm(combine, out.view(tokens, top_k, -1)).squeeze(1)
+        gate_up = grouped_linear(rows, self.gate_up_proj, counts, offsets, self.gemm_backend)
+        out_sorted = grouped_linear(swiglu(gate_up), self.down_proj, counts, offsets, self.gemm_backend)
+        return combine(out_sorted, order, weights)
 
 
 class MoE(Fp32BuffersMixin):

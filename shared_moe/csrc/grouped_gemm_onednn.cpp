@@ -2,8 +2,9 @@
 //
 // Why: torch's CPU `_grouped_mm` runs each group through `at::mm`, which in fp32 is MKL's sgemm. On AMD CPUs
 // MKL picks its AVX2 kernels, while oneDNN (already inside libtorch as `mkldnn::_linear_pointwise`) uses
-// AVX-512 and is about twice as fast. Rows are sorted by expert; `ends[e]` is one past expert e's last row.
-// The loop over experts runs here, in C++, so Python sees one op per projection.
+// AVX-512 and is about twice as fast. In bf16 `at::mm` is already oneDNN and writes straight into the output.
+// Rows are sorted by expert; `ends[e]` is one past expert e's last row. The loop over experts runs here, in
+// C++, so Python sees one op per projection.
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -20,6 +21,16 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w) {
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                             c10::string_view, Scalars, std::optional<c10::string_view>)>();
   return op.call(x, w, std::nullopt, "none", Scalars(), std::nullopt);
+}
+
+// out = x @ w.T: fp32 through oneDNN directly (torch's fp32 mm is MKL), other dtypes through at::mm (oneDNN for
+// bf16), which writes into `out` without a copy.
+void linear_into(at::Tensor out, const at::Tensor& x, const at::Tensor& w) {
+  if (x.scalar_type() == at::kFloat) {
+    out.copy_(onednn_linear(x, w));
+  } else {
+    at::mm_out(out, x, w.t());
+  }
 }
 
 void check_groups(const at::Tensor& rows, const at::Tensor& weight, at::IntArrayRef ends) {
@@ -47,7 +58,7 @@ at::Tensor grouped_linear(const at::Tensor& rows, const at::Tensor& weight, at::
     const int64_t count = ends[e] - start;
     if (count > 0) {
       const auto w = transpose_weight ? weight.select(0, e).t() : weight.select(0, e);
-      out.narrow(0, start, count).copy_(onednn_linear(x.narrow(0, start, count), w));
+      linear_into(out.narrow(0, start, count), x.narrow(0, start, count), w);
     }
     start = ends[e];
   }
@@ -58,6 +69,7 @@ at::Tensor grouped_linear(const at::Tensor& rows, const at::Tensor& weight, at::
 at::Tensor grouped_weight_grad(const at::Tensor& grad_out, const at::Tensor& rows, at::IntArrayRef ends) {
   TORCH_CHECK(grad_out.dim() == 2 && rows.dim() == 2 && grad_out.size(0) == rows.size(0),
               "grouped weight gradient: grad_out and rows must be 2-D with the same number of rows");
+  TORCH_CHECK(grad_out.scalar_type() == rows.scalar_type(), "grouped weight gradient: dtypes differ");
   const auto dy = grad_out.contiguous();
   const auto x = rows.contiguous();
   auto grad = at::empty({static_cast<int64_t>(ends.size()), dy.size(1), x.size(1)}, x.options());
@@ -66,7 +78,7 @@ at::Tensor grouped_weight_grad(const at::Tensor& grad_out, const at::Tensor& row
   for (int64_t e = 0; e < grad.size(0); ++e) {
     const int64_t count = ends[e] - start;
     if (count > 0) {
-      grad.select(0, e).copy_(onednn_linear(dy.narrow(0, start, count).t(), x.narrow(0, start, count).t()));
+      linear_into(grad.select(0, e), dy.narrow(0, start, count).t(), x.narrow(0, start, count).t());
     } else {
       grad.select(0, e).zero_();
     }
