@@ -4,7 +4,8 @@ Shape from the issue: hidden 512, 64 routed experts, top-6, expert width 256, 20
 shared expert and the V3 sigmoid router). transformers runs its `eager` (per-expert loop) and
 `grouped_mm` experts implementations. shared_moe runs twice: with its default kernels (oneDNN grouped
 GEMM on CPU fp32) and with its experts forced onto `torch._grouped_mm`. Also reports forward GFLOP/s next
-to one torch.matmul (MKL in fp32) and one oneDNN matmul of the same FLOPs: what this machine's GEMMs can do.
+to one torch.matmul (MKL in fp32) and one oneDNN matmul of the same FLOPs: what this machine's GEMMs can do,
+and the minor page faults per fwd+bwd, which dominate eager's time under glibc's default malloc settings.
 
     python bench/bench_moe.py [--tokens 2048] [--repeats 5]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import resource
 import sys
 from pathlib import Path
 
@@ -59,6 +61,14 @@ def moe_flops(tokens: int) -> float:
     return routed + shared + tokens * 2 * HIDDEN * EXPERTS
 
 
+def minor_faults_per_call(fn, calls: int = 3) -> float:
+    """Minor page faults per call: fresh memory the OS must map and zero (glibc returns big blocks each time)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048)
@@ -79,7 +89,7 @@ def main() -> None:
             "transformers eager": hf["eager"], "transformers grouped_mm": hf["grouped_mm"],
             "shared_moe, experts on torch._grouped_mm": ours_grouped_mm, "shared_moe": ours,
         }
-        forward, train = {}, {}
+        forward, train, faults = {}, {}, {}
         for name, module in modules.items():
             def fwd(module=module):
                 with torch.no_grad():
@@ -92,6 +102,7 @@ def main() -> None:
 
             forward[name] = median_seconds(fwd, args.repeats)
             train[name] = median_seconds(fwd_bwd, args.repeats)
+            faults[name] = minor_faults_per_call(fwd_bwd)
         flops = moe_flops(args.tokens)
         a = torch.randn(args.tokens, HIDDEN, dtype=dtype)
         b = torch.randn(HIDDEN, int(flops / (2 * args.tokens * HIDDEN)), dtype=dtype)
@@ -104,16 +115,17 @@ def main() -> None:
                 label, name, f"{forward[name] * 1e3:.1f}", f"{train[name] * 1e3:.1f}",
                 f"{train['transformers eager'] / train[name]:.2f}x",
                 f"{train['transformers grouped_mm'] / train[name]:.2f}x",
-                f"{flops / forward[name] / 1e9:.0f}",
+                f"{flops / forward[name] / 1e9:.0f}", f"{faults[name] / 1e3:.1f}k",
             ])
         gflops = f"{flops / matmul / 1e9:.0f}"
-        rows.append([label, "torch.matmul, same FLOPs", f"{matmul * 1e3:.1f}", "-", "-", "-", gflops])
+        rows.append([label, "torch.matmul, same FLOPs", f"{matmul * 1e3:.1f}", "-", "-", "-", gflops, "-"])
         gflops = f"{flops / onednn / 1e9:.0f}"
-        rows.append([label, "oneDNN matmul, same FLOPs", f"{onednn * 1e3:.1f}", "-", "-", "-", gflops])
+        rows.append([label, "oneDNN matmul, same FLOPs", f"{onednn * 1e3:.1f}", "-", "-", "-", gflops, "-"])
         print(f"{label}: max |shared_moe - transformers| forward = {error:.2e}")
     print_table(
         "MoE layer (median ms; speed-ups are fwd+bwd vs each transformers implementation)",
-        ["dtype", "implementation", "fwd ms", "fwd+bwd ms", "vs eager", "vs grouped_mm", "fwd GFLOP/s"],
+        ["dtype", "implementation", "fwd ms", "fwd+bwd ms", "vs eager", "vs grouped_mm", "fwd GFLOP/s",
+         "page faults / fwd+bwd"],
         rows,
     )
 

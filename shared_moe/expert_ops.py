@@ -12,7 +12,6 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from . import cpu_ext
 from .gemm import eager_cpu
@@ -29,16 +28,21 @@ def _use_fused(x: torch.Tensor) -> bool:
 
 
 class FusedSwiGLU(torch.autograd.Function):
+    """Under create_graph=True (a double backward) the backward runs differentiable torch ops instead."""
+
     @staticmethod
     def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate_up)
         return torch.ops.shared_moe.swiglu(gate_up)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (gate_up,) = ctx.saved_tensors
-        return torch.ops.shared_moe.swiglu_backward(grad, gate_up)
+        if not torch.is_grad_enabled():
+            return torch.ops.shared_moe.swiglu_backward(grad, gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        return torch.cat([grad * up * sig * (1 + gate * (1 - sig)), grad * gate * sig], dim=-1)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -50,7 +54,10 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 class FusedWeightedGatherSum(torch.autograd.Function):
-    """out[t] = sum_k weights[t, k] * rows[slots[t, k]]; slots is a permutation of the rows."""
+    """out[t] = sum_k weights[t, k] * rows[slots[t, k]]; slots is a permutation of the rows.
+
+    Under create_graph=True (a double backward) the backward runs differentiable torch ops instead.
+    """
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -58,10 +65,14 @@ class FusedWeightedGatherSum(torch.autograd.Function):
         return torch.ops.shared_moe.weighted_gather_sum(rows, slots, weights)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor]:
         rows, slots, weights = ctx.saved_tensors
-        grad_rows, grad_weights = torch.ops.shared_moe.weighted_gather_sum_backward(grad, rows, slots, weights)
+        if not torch.is_grad_enabled():
+            grad_rows, grad_weights = torch.ops.shared_moe.weighted_gather_sum_backward(grad, rows, slots, weights)
+            return grad_rows, None, grad_weights
+        per_slot = (weights.unsqueeze(-1) * grad.float().unsqueeze(1)).to(rows.dtype)  # (tokens, K, d)
+        grad_rows = torch.zeros_like(rows).index_put((slots.reshape(-1),), per_slot.reshape(-1, rows.shape[-1]))
+        grad_weights = (rows[slots].float() * grad.float().unsqueeze(1)).sum(-1)
         return grad_rows, None, grad_weights
 
 

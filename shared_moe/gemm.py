@@ -11,7 +11,8 @@ torch's own kernels.
 by `grouped_linear(..., backend="auto")`:
 * `onednn`: CPU fp32. A small C++ op (csrc/grouped_gemm_onednn.cpp) runs one oneDNN matmul per expert
   (torch's CPU `_grouped_mm` runs MKL per group), with a hand-written backward. The op is built on first
-  use (cpu_ext.py); without a C++ compiler the layer falls back to `grouped_mm` with one warning.
+  use (cpu_ext.py); without a C++ compiler the layer falls back to `grouped_mm` with one warning. Chosen
+  explicitly for bf16, it runs `at::mm` per expert (oneDNN there too) straight into its output.
 * `grouped_mm`: `torch._grouped_mm`, when rows and weights meet its 16-byte stride rule (GPU, CPU bf16).
 * `padded_bmm`: every other shape: scatter into an (E, max_count, in) buffer, one `bmm`, gather back.
 """
