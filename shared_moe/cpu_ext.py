@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 
+NAME = "shared_moe_cpu_ops"
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("grouped_gemm_onednn.cpp", "moe_kernels_avx512.cpp")]
 
 
@@ -27,12 +28,14 @@ def available() -> bool:
     level = builder_log.level
     builder_log.setLevel(logging.ERROR)  # its import warns that a CPU-only machine has no CUDA runtime
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
     finally:
         builder_log.setLevel(level)
+    if not (Path(_get_build_directory(NAME, verbose=False)) / f"{NAME}.so").exists():
+        logging.getLogger(__name__).warning("shared_moe: compiling its C++ CPU ops on first use (10-20 s, then cached)")
     try:
         load(
-            name="shared_moe_cpu_ops",
+            name=NAME,
             sources=[str(p) for p in SOURCES],
             extra_cflags=["-O3", "-fopenmp"],  # at::parallel_for is OpenMP pragmas in torch's headers
             extra_ldflags=["-fopenmp"],
