@@ -16,6 +16,7 @@
 #include <immintrin.h>
 
 #include <tuple>
+#include <vector>
 
 #define SHARED_MOE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
@@ -242,6 +243,11 @@ std::tuple<at::Tensor, at::Tensor> weighted_gather_sum_backward(const at::Tensor
   const auto s = slots.contiguous();
   const auto w = weights.contiguous();
   const int64_t top_k = s.size(1), width = r.size(1);
+  std::vector<bool> seen(r.size(0), false);  // grad_rows starts uninitialised: every row must be written once
+  for (const int64_t slot : c10::ArrayRef<int64_t>(s.const_data_ptr<int64_t>(), s.numel())) {
+    TORCH_CHECK(!seen[slot], "weighted_gather_sum_backward: slots must be a permutation of the rows");
+    seen[slot] = true;
+  }
   auto grad_rows = at::empty_like(r);
   auto grad_weights = at::empty_like(w);
   dispatch_fp32_bf16(r, "weighted_gather_sum_backward", [&](auto tag) {

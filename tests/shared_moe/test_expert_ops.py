@@ -128,6 +128,9 @@ def test_fused_ops_check_their_arguments():
         ops.weighted_gather_sum(rows, torch.tensor([[0, 1], [2, 6], [3, 4]]), torch.ones(3, 2))
     with pytest.raises(RuntimeError, match="one slot per row"):
         ops.weighted_gather_sum(rows, torch.tensor([[0, 1], [2, 3]]), torch.ones(2, 2))
+    with pytest.raises(RuntimeError, match="permutation of the rows"):
+        ops.weighted_gather_sum_backward(torch.randn(3, 16), rows, torch.tensor([[0, 1], [1, 2], [3, 4]]),
+                                         torch.ones(3, 2))
     with pytest.raises(RuntimeError, match="fp32 or bf16"):
         ops.swiglu(torch.randn(4, 8).half())
     with pytest.raises(RuntimeError, match="2 \\* width"):
