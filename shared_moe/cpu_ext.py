@@ -31,9 +31,9 @@ def available() -> bool:
         from torch.utils.cpp_extension import _get_build_directory, load
     finally:
         builder_log.setLevel(level)
-    if not (Path(_get_build_directory(NAME, verbose=False)) / f"{NAME}.so").exists():
-        logging.getLogger(__name__).warning("shared_moe: compiling its C++ CPU ops on first use (10-20 s, then cached)")
     try:
+        if not (Path(_get_build_directory(NAME, verbose=False)) / f"{NAME}.so").exists():
+            logging.getLogger(__name__).warning("shared_moe: compiling its C++ CPU ops on first use (10-20 s, cached)")
         load(
             name=NAME,
             sources=[str(p) for p in SOURCES],

@@ -20,7 +20,7 @@ from .gemm import eager_cpu
 @functools.cache
 def fused_kernels_available() -> bool:
     """Whether this CPU runs the AVX-512 kernels and the C++ ops are built (ATEN_CPU_CAPABILITY can lower it)."""
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX") and cpu_ext.available()
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and cpu_ext.available()
 
 
 def _use_fused(x: torch.Tensor) -> bool:
@@ -46,9 +46,11 @@ class FusedSwiGLU(torch.autograd.Function):
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for rows laid out [gate | up], shape (n, 2 * width) -> (n, width)."""
-    if _use_fused(gate_up):
+    """silu(gate) * up for rows laid out [gate | up], shape (..., 2 * width) -> (..., width)."""
+    if _use_fused(gate_up) and gate_up.dim() == 2:
         return FusedSwiGLU.apply(gate_up)
+    if _use_fused(gate_up):
+        return swiglu(gate_up.reshape(-1, gate_up.shape[-1])).unflatten(0, gate_up.shape[:-1])
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 

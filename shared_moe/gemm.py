@@ -24,6 +24,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
 from . import cpu_ext
@@ -43,10 +44,13 @@ def onednn_linear_available() -> bool:
 
 def eager_cpu(x: torch.Tensor) -> bool:
     """On CPU, run eagerly: not under CPU autocast (which picks its own dtype), torch.compile or torch.func
-    transforms (which trace or batch ops and need torch's own, with their compile and vmap rules)."""
+    transforms (which trace or batch ops and need torch's own, with their compile and vmap rules), nor on a
+    forward-mode AD dual tensor (the hand-written kernels have backwards only)."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
-    return x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return False
+    return forward_ad.unpack_dual(x).tangent is None
 
 
 def _plain_cpu_fp32(x: torch.Tensor) -> bool:

@@ -19,7 +19,7 @@ from shared_moe.moe import Experts
 requires_fused = pytest.mark.skipif(
     shutil.which("c++") is None
     or shutil.which("ninja") is None
-    or torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"),
+    or torch.backends.cpu.get_cpu_capability() != "AVX512",
     reason="the fused expert kernels need an AVX-512 CPU and a C++ compiler",
 )
 pytestmark = requires_fused
@@ -101,6 +101,7 @@ def test_fused_combine_matches_torch_path_with_gradients(top_k, width, dtype, mo
         out = combine(r, order, w)
         return (out, *torch.autograd.grad((out.float() * upstream.float()).sum(), [r, w]))
 
+    assert "FusedWeightedGatherSum" in type(combine(rows.requires_grad_(), order, weights).grad_fn).__name__
     fused = run()
     monkeypatch.setattr(expert_ops, "_use_fused", lambda x: False)
     plain = run()
@@ -137,6 +138,11 @@ def test_fused_ops_check_their_arguments():
         ops.swiglu(torch.randn(4, 7))
 
 
+def test_swiglu_takes_any_leading_shape():
+    gate_up = torch.randn(2, 3, 16)
+    torch.testing.assert_close(swiglu(gate_up), reference_swiglu(gate_up))
+
+
 def test_fused_ops_handle_no_rows():
     assert swiglu(torch.empty(0, 32)).shape == (0, 16)
     assert combine(torch.empty(0, 8), torch.empty(0, dtype=torch.long), torch.empty(0, 3)).shape == (0, 8)
@@ -153,6 +159,7 @@ def run_experts(experts: Experts, x: torch.Tensor, indices: torch.Tensor, weight
 
 def test_experts_layer_same_with_and_without_fused_kernels_fp32(monkeypatch):
     experts, x, indices, weights = experts_case(torch.float32)
+    assert fused_kernels_available()  # so the first run below does take the fused path
     fused = run_experts(experts, x, indices, weights)
     monkeypatch.setattr(expert_ops, "_use_fused", lambda x: False)
     for got, expected in zip(fused, run_experts(experts, x, indices, weights)):
@@ -183,8 +190,15 @@ def experts_case(dtype: torch.dtype):
     return experts.to(dtype), x.to(dtype), indices, weights
 
 
-def test_torch_func_and_compile_take_the_torch_path():
+def test_torch_func_forward_ad_and_autocast_take_the_torch_path(monkeypatch):
     gate_up = torch.randn(5, 12)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(gate_up, torch.ones_like(gate_up))
+        tangent = torch.autograd.forward_ad.unpack_dual(swiglu(dual)).tangent  # no jvp in the fused kernels
+    torch.testing.assert_close(tangent, torch.func.jvp(reference_swiglu, (gate_up,), (torch.ones_like(gate_up),))[1])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not expert_ops._use_fused(gate_up)
+    monkeypatch.undo()
     grads = torch.func.grad(lambda t: swiglu(t).sum())(gate_up)  # the fused Function has no vmap/func rule
     torch.testing.assert_close(grads, torch.func.grad(lambda t: reference_swiglu(t).sum())(gate_up))
     assert not expert_ops._use_fused(torch.randn(2, 2).half())
