@@ -9,12 +9,15 @@ torch's own kernels.
 
 `grouped_linear`: rows of expert e times weight[e].T, for weight (E, out, in); three kernels, chosen per call
 by `grouped_linear(..., backend="auto")`:
-* `onednn`: CPU fp32. A small C++ op (csrc/grouped_gemm_onednn.cpp) runs one oneDNN matmul per expert
-  (torch's CPU `_grouped_mm` runs MKL per group), with a hand-written backward. The op is built on first
-  use (cpu_ext.py); without a C++ compiler the layer falls back to `grouped_mm` with one warning. Chosen
-  explicitly for bf16, it runs `at::mm` per expert (oneDNN there too) straight into its output.
-* `grouped_mm`: `torch._grouped_mm`, when rows and weights meet its 16-byte stride rule (GPU, CPU bf16).
+* `onednn`: CPU fp32 and bf16. A small C++ op (csrc/grouped_gemm_onednn.cpp) runs one oneDNN matmul per
+  expert (torch's CPU `_grouped_mm` runs MKL per group in fp32; in bf16 `at::mm` is oneDNN and the op calls
+  it), with a hand-written backward. The op is built on first use (cpu_ext.py); without a C++ compiler the
+  layer falls back to `grouped_mm` with one warning.
+* `grouped_mm`: `torch._grouped_mm`, when rows and weights meet its 16-byte stride rule (GPU, CPU fallback).
 * `padded_bmm`: every other shape: scatter into an (E, max_count, in) buffer, one `bmm`, gather back.
+
+`grouped_linear_gathered`: the same on the rows x[token_ids]. The oneDNN op gathers them one expert at a time,
+so the (rows, in) copy is neither built nor saved for backward (a quarter of a MoE layer's saved activations).
 """
 
 from __future__ import annotations
@@ -134,13 +137,36 @@ class OneDNNGroupedLinear(torch.autograd.Function):
         return grad_rows, grad_weight, None
 
 
+class OneDNNGatheredGroupedLinear(torch.autograd.Function):
+    """OneDNNGroupedLinear on the rows x[token_ids], gathered per expert inside the op: the gathered copy is
+    neither built nor saved for backward, and the input gradient is added straight into x's rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, token_ids: torch.Tensor, weight: torch.Tensor, ends: list[int]) -> torch.Tensor:
+        needs_x, _, needs_weight = ctx.needs_input_grad[:3]
+        ctx.save_for_backward(x if needs_weight else None, token_ids, weight if needs_x else None)
+        ctx.ends, ctx.num_tokens = ends, x.shape[0]
+        return torch.ops.shared_moe.grouped_linear_gather(x, token_ids, weight, ends)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:
+        x, token_ids, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.shared_moe.grouped_linear_scatter(grad_out, token_ids, weight, ctx.ends, ctx.num_tokens)
+        if ctx.needs_input_grad[2]:
+            grad_weight = torch.ops.shared_moe.grouped_weight_grad_gather(grad_out, x, token_ids, ctx.ends)
+        return grad_x, None, grad_weight, None
+
+
 def pick_backend(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> str:
     """The kernel `grouped_linear` will run for these tensors."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown grouped GEMM backend {backend!r}; expected one of {BACKENDS}")
     if backend != "auto":
         return backend
-    if _plain_cpu_fp32(x) and onednn_available():
+    if eager_cpu(x) and x.dtype in (torch.float32, torch.bfloat16) and onednn_available():
         return "onednn"
     out_features, in_features = weight.shape[1:]
     aligned = (in_features * x.element_size()) % 16 == 0 and (out_features * x.element_size()) % 16 == 0
@@ -161,6 +187,18 @@ def grouped_linear(
     if chosen == "grouped_mm":
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
     return padded_bmm(x, weight.transpose(1, 2), counts, offsets)
+
+
+def grouped_linear_gathered(
+    x: torch.Tensor, token_ids: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """grouped_linear(x[token_ids], ...); the oneDNN kernel gathers per expert instead of copying all rows first."""
+    chosen = pick_backend(x, weight, backend)
+    if chosen == "onednn" and onednn_available():
+        return OneDNNGatheredGroupedLinear.apply(x, token_ids, weight, offsets.tolist())
+    rows = x.index_select(0, token_ids)  # backward is one index_add, not an accumulating index_put
+    return grouped_linear(rows, weight, counts, offsets, chosen)
 
 
 def padded_bmm(x: torch.Tensor, w_t: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torch import nn
 from .config import MoEConfig
 from .expert_ops import combine, swiglu
 from .fp32_buffers import Fp32BuffersMixin
-from .gemm import Linear, grouped_linear, linear
+from .gemm import Linear, grouped_linear, grouped_linear_gathered, linear
 
 
 class MLP(nn.Module):
@@ -106,8 +106,7 @@ class Experts(nn.Module):
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts)
         offsets = counts.cumsum(0).to(torch.int32)
-        rows = x.index_select(0, order // top_k)  # backward is one index_add, not an accumulating index_put
-        gate_up = grouped_linear(rows, self.gate_up_proj, counts, offsets, self.gemm_backend)
+        gate_up = grouped_linear_gathered(x, order // top_k, self.gate_up_proj, counts, offsets, self.gemm_backend)
         out_sorted = grouped_linear(swiglu(gate_up), self.down_proj, counts, offsets, self.gemm_backend)
         return combine(out_sorted, order, weights)
 

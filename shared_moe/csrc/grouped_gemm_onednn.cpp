@@ -10,6 +10,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 namespace {
 
 // x (n, k) times w (m, k).T through oneDNN; w may be a strided view (a transpose costs nothing).
@@ -33,7 +35,7 @@ void linear_into(at::Tensor out, const at::Tensor& x, const at::Tensor& w) {
   }
 }
 
-void check_groups(const at::Tensor& rows, const at::Tensor& weight, at::IntArrayRef ends) {
+void check_groups(int64_t num_rows, const at::Tensor& rows, const at::Tensor& weight, at::IntArrayRef ends) {
   TORCH_CHECK(rows.dim() == 2 && weight.dim() == 3, "grouped GEMM: rows must be 2-D and weight 3-D (E, out, in)");
   TORCH_CHECK(rows.device().is_cpu() && weight.device().is_cpu(), "grouped GEMM (oneDNN): CPU tensors only");
   TORCH_CHECK(rows.scalar_type() == weight.scalar_type(), "grouped GEMM: rows and weight dtypes differ");
@@ -43,7 +45,36 @@ void check_groups(const at::Tensor& rows, const at::Tensor& weight, at::IntArray
     TORCH_CHECK(end >= start, "grouped GEMM: end offsets must be non-decreasing");
     start = end;
   }
-  TORCH_CHECK(start == rows.size(0), "grouped GEMM: the last end offset must equal the number of rows");
+  TORCH_CHECK(start == num_rows, "grouped GEMM: the last end offset must equal the number of rows");
+}
+
+void check_groups(const at::Tensor& rows, const at::Tensor& weight, at::IntArrayRef ends) {
+  check_groups(rows.size(0), rows, weight, ends);
+}
+
+void check_token_ids(const at::Tensor& x, const at::Tensor& token_ids) {
+  TORCH_CHECK(token_ids.dim() == 1 && token_ids.scalar_type() == at::kLong, "grouped GEMM: token ids must be 1-D int64");
+  if (token_ids.numel() > 0) {
+    TORCH_CHECK(token_ids.min().item<int64_t>() >= 0 && token_ids.max().item<int64_t>() < x.size(0),
+                "grouped GEMM: token ids out of range");
+  }
+}
+
+int64_t largest_group(at::IntArrayRef ends) {
+  int64_t start = 0, largest = 0;
+  for (const int64_t end : ends) {
+    largest = std::max(largest, end - start);
+    start = end;
+  }
+  return largest;
+}
+
+// The rows x[token_ids[start : start + count]], copied into the front of `workspace`.
+at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& token_ids, int64_t start, int64_t count,
+                       at::Tensor& workspace) {
+  auto rows = workspace.narrow(0, 0, count);
+  at::index_select_out(rows, x, 0, token_ids.narrow(0, start, count));
+  return rows;
 }
 
 // out[rows of e] = rows[rows of e] @ weight[e].T, or @ weight[e] when transpose_weight (the input gradient).
@@ -87,14 +118,95 @@ at::Tensor grouped_weight_grad(const at::Tensor& grad_out, const at::Tensor& row
   return grad;
 }
 
+// Gathered variants: the expert rows are x[token_ids], gathered one expert at a time into a workspace of the
+// largest expert's size, so the (rows, in) copy of x never exists; it is the biggest saved activation of a
+// MoE layer. A token appears at most once per expert (top-k picks distinct experts).
+
+// out[i] = x[token_ids[i]] @ weight[e].T for the rows i of expert e.
+at::Tensor grouped_linear_gather(const at::Tensor& x_, const at::Tensor& token_ids_, const at::Tensor& weight,
+                                 at::IntArrayRef ends) {
+  const auto x = x_.contiguous();
+  const auto token_ids = token_ids_.contiguous();
+  check_groups(token_ids.numel(), x, weight, ends);
+  check_token_ids(x, token_ids);
+  TORCH_CHECK(x.size(1) == weight.size(2), "grouped GEMM: inner sizes differ");
+  auto out = at::empty({token_ids.numel(), weight.size(1)}, x.options());
+  auto workspace = at::empty({largest_group(ends), x.size(1)}, x.options());
+  int64_t start = 0;
+  for (int64_t e = 0; e < weight.size(0); ++e) {
+    const int64_t count = ends[e] - start;
+    if (count > 0) {
+      linear_into(out.narrow(0, start, count), gather_rows(x, token_ids, start, count, workspace), weight.select(0, e));
+    }
+    start = ends[e];
+  }
+  return out;
+}
+
+// grad_x[t] = sum over the rows i of token t of grad_out[i] @ weight[e(i)], added expert by expert (a fixed order).
+at::Tensor grouped_linear_scatter(const at::Tensor& grad_out_, const at::Tensor& token_ids_, const at::Tensor& weight,
+                                  at::IntArrayRef ends, int64_t num_tokens) {
+  const auto grad_out = grad_out_.contiguous();
+  const auto token_ids = token_ids_.contiguous();
+  check_groups(token_ids.numel(), grad_out, weight, ends);
+  TORCH_CHECK(grad_out.size(0) == token_ids.numel() && grad_out.size(1) == weight.size(1),
+              "grouped GEMM: grad_out must be (rows, out)");
+  auto grad_x = at::zeros({num_tokens, weight.size(2)}, grad_out.options());
+  check_token_ids(grad_x, token_ids);
+  auto workspace = at::empty({largest_group(ends), weight.size(2)}, grad_out.options());
+  int64_t start = 0;
+  for (int64_t e = 0; e < weight.size(0); ++e) {
+    const int64_t count = ends[e] - start;
+    if (count > 0) {
+      auto grad_rows = workspace.narrow(0, 0, count);
+      linear_into(grad_rows, grad_out.narrow(0, start, count), weight.select(0, e).t());
+      grad_x.index_add_(0, token_ids.narrow(0, start, count), grad_rows);
+    }
+    start = ends[e];
+  }
+  return grad_x;
+}
+
+// grad[e] = grad_out[rows of e].T @ x[token_ids of e], shape (E, out, in) like the weight; zero for idle experts.
+at::Tensor grouped_weight_grad_gather(const at::Tensor& grad_out_, const at::Tensor& x_, const at::Tensor& token_ids_,
+                                     at::IntArrayRef ends) {
+  const auto dy = grad_out_.contiguous();
+  const auto x = x_.contiguous();
+  const auto token_ids = token_ids_.contiguous();
+  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == token_ids.numel() && dy.scalar_type() == x.scalar_type(),
+              "grouped weight gradient: grad_out must be (rows, out) in x's dtype");
+  check_token_ids(x, token_ids);
+  auto grad = at::empty({static_cast<int64_t>(ends.size()), dy.size(1), x.size(1)}, x.options());
+  check_groups(token_ids.numel(), x, grad, ends);
+  auto workspace = at::empty({largest_group(ends), x.size(1)}, x.options());
+  int64_t start = 0;
+  for (int64_t e = 0; e < grad.size(0); ++e) {
+    const int64_t count = ends[e] - start;
+    if (count > 0) {
+      const auto rows = gather_rows(x, token_ids, start, count, workspace);
+      linear_into(grad.select(0, e), dy.narrow(0, start, count).t(), rows.t());
+    } else {
+      grad.select(0, e).zero_();
+    }
+    start = ends[e];
+  }
+  return grad;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(shared_moe, m) {
   m.def("grouped_linear(Tensor rows, Tensor weight, int[] ends, bool transpose_weight) -> Tensor");
   m.def("grouped_weight_grad(Tensor grad_out, Tensor rows, int[] ends) -> Tensor");
+  m.def("grouped_linear_gather(Tensor x, Tensor token_ids, Tensor weight, int[] ends) -> Tensor");
+  m.def("grouped_linear_scatter(Tensor grad_out, Tensor token_ids, Tensor weight, int[] ends, int num_tokens) -> Tensor");
+  m.def("grouped_weight_grad_gather(Tensor grad_out, Tensor x, Tensor token_ids, int[] ends) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(shared_moe, CPU, m) {
   m.impl("grouped_linear", grouped_linear);
   m.impl("grouped_weight_grad", grouped_weight_grad);
+  m.impl("grouped_linear_gather", grouped_linear_gather);
+  m.impl("grouped_linear_scatter", grouped_linear_scatter);
+  m.impl("grouped_weight_grad_gather", grouped_weight_grad_gather);
 }

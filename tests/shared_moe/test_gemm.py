@@ -46,6 +46,34 @@ def test_backends_match_per_expert_matmuls_with_gradients(backend):
     assert torch.equal(grads[1][1], torch.zeros_like(grads[1][1]))  # an idle expert gets an exact zero gradient
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", [pytest.param("onednn", marks=requires_onednn), "grouped_mm", "padded_bmm"])
+def test_gathered_rows_match_an_explicit_gather_with_gradients(backend, dtype):
+    """The oneDNN kernel gathers x[token_ids] per expert and adds the input gradient into x's rows directly."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 16, generator=gen).to(dtype).requires_grad_()
+    token_ids = torch.randint(0, 7, (sum(COUNTS),), generator=gen)  # tokens repeat across experts, as with top-k
+    _, weight, counts, offsets = inputs(16, 24, dtype)
+    got = gemm.grouped_linear_gathered(x, token_ids, weight, counts, offsets, backend)
+    expected = per_expert_reference(x[token_ids], weight, COUNTS)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=5e-2)
+    torch.testing.assert_close(got, expected, **tol)
+    upstream = torch.randn(got.shape, generator=gen).to(dtype)
+    grads = torch.autograd.grad((got * upstream).float().sum(), [x, weight])
+    ref = torch.autograd.grad((expected * upstream).float().sum(), [x, weight])
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, **tol)
+
+
+@requires_onednn
+def test_gathered_op_rejects_token_ids_out_of_range():
+    assert onednn_available()
+    x, weight = torch.randn(4, 16), torch.randn(len(COUNTS), 24, 16)
+    ends = torch.tensor(COUNTS).cumsum(0).tolist()
+    with pytest.raises(RuntimeError, match="token ids out of range"):
+        torch.ops.shared_moe.grouped_linear_gather(x, torch.full((sum(COUNTS),), 4), weight, ends)
+
+
 @requires_onednn
 def test_onednn_matches_grouped_mm_at_moe_layer_shapes():
     """Same rows, same weights, the two kernels the auto choice alternates between (fp32 CPU vs the rest)."""
@@ -60,11 +88,14 @@ def test_onednn_matches_grouped_mm_at_moe_layer_shapes():
 
 
 @requires_onednn
-def test_auto_picks_onednn_for_cpu_fp32_and_grouped_mm_for_bf16():
+def test_auto_picks_onednn_on_cpu_and_grouped_mm_or_padded_bmm_elsewhere():
     x, weight, *_ = inputs(16, 24)
     assert pick_backend(x, weight) == "onednn"
-    assert pick_backend(x.bfloat16(), weight.bfloat16()) == "grouped_mm"
-    assert pick_backend(x.detach()[:, :15].bfloat16(), weight.detach()[:, :, :15].bfloat16()) == "padded_bmm"
+    assert pick_backend(x.bfloat16(), weight.bfloat16()) == "onednn"
+    assert pick_backend(x.half(), weight.half()) == "grouped_mm"
+    assert pick_backend(x.detach()[:, :15].half(), weight.detach()[:, :, :15].half()) == "padded_bmm"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pick_backend(x.bfloat16(), weight.bfloat16()) == "grouped_mm"
     with pytest.raises(ValueError, match="unknown grouped GEMM backend"):
         pick_backend(x, weight, "cutlass")
 
