@@ -5,8 +5,8 @@ shared expert and the V3 sigmoid router). transformers runs its `eager` (per-exp
 `grouped_mm` experts implementations. shared_moe runs twice: with its default kernels (oneDNN
 grouped GEMM on CPU, fp32 and bf16) and with its experts forced onto `torch._grouped_mm`. Also reports
 forward GFLOP/s next to one torch.matmul (MKL in fp32) and one oneDNN matmul of the same FLOPs (what this
-machine's GEMMs can do), and the minor page faults per fwd+bwd, which dominate eager's time under glibc's
-default malloc settings.
+machine's GEMMs can do), the minor page faults per fwd+bwd, which dominate eager's time under glibc's
+default malloc settings, and the activation memory autograd keeps between forward and backward.
 
     python bench/bench_moe.py [--tokens 2048] [--repeats 5]
 """
@@ -70,6 +70,20 @@ def minor_faults_per_call(fn, calls: int = 3) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
+def saved_activation_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward after one forward: distinct storages, not counting weights or x."""
+    storages = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x.detach().requires_grad_())
+    excluded = {p.untyped_storage().data_ptr() for p in module.parameters()} | {x.untyped_storage().data_ptr()}
+    return sum(n for ptr, n in storages.items() if ptr not in excluded)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048)
@@ -90,7 +104,7 @@ def main() -> None:
             "transformers eager": hf["eager"], "transformers grouped_mm": hf["grouped_mm"],
             "shared_moe, experts on torch._grouped_mm": ours_grouped_mm, "shared_moe": ours,
         }
-        forward, train, faults = {}, {}, {}
+        forward, train, faults, saved = {}, {}, {}, {}
         for name, module in modules.items():
             def fwd(module=module):
                 with torch.no_grad():
@@ -104,6 +118,7 @@ def main() -> None:
             forward[name] = median_seconds(fwd, args.repeats)
             train[name] = median_seconds(fwd_bwd, args.repeats)
             faults[name] = minor_faults_per_call(fwd_bwd)
+            saved[name] = saved_activation_bytes(module, x)
         flops = moe_flops(args.tokens)
         a = torch.randn(args.tokens, HIDDEN, dtype=dtype)
         b = torch.randn(HIDDEN, int(flops / (2 * args.tokens * HIDDEN)), dtype=dtype)
@@ -116,17 +131,17 @@ def main() -> None:
                 label, name, f"{forward[name] * 1e3:.1f}", f"{train[name] * 1e3:.1f}",
                 f"{train['transformers eager'] / train[name]:.2f}x",
                 f"{train['transformers grouped_mm'] / train[name]:.2f}x",
-                f"{flops / forward[name] / 1e9:.0f}", f"{faults[name] / 1e3:.1f}k",
+                f"{flops / forward[name] / 1e9:.0f}", f"{faults[name] / 1e3:.1f}k", f"{saved[name] / 2**20:.1f}",
             ])
         gflops = f"{flops / matmul / 1e9:.0f}"
-        rows.append([label, "torch.matmul, same FLOPs", f"{matmul * 1e3:.1f}", "-", "-", "-", gflops, "-"])
+        rows.append([label, "torch.matmul, same FLOPs", f"{matmul * 1e3:.1f}", "-", "-", "-", gflops, "-", "-"])
         gflops = f"{flops / onednn / 1e9:.0f}"
-        rows.append([label, "oneDNN matmul, same FLOPs", f"{onednn * 1e3:.1f}", "-", "-", "-", gflops, "-"])
+        rows.append([label, "oneDNN matmul, same FLOPs", f"{onednn * 1e3:.1f}", "-", "-", "-", gflops, "-", "-"])
         print(f"{label}: max |shared_moe - transformers| forward = {error:.2e}")
     print_table(
         "MoE layer (median ms; speed-ups are fwd+bwd vs each transformers implementation)",
         ["dtype", "implementation", "fwd ms", "fwd+bwd ms", "vs eager", "vs grouped_mm", "fwd GFLOP/s",
-         "page faults / fwd+bwd"],
+         "page faults / fwd+bwd", "saved for bwd MB"],
         rows,
     )
 
