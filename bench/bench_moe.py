@@ -6,7 +6,8 @@ shared expert and the V3 sigmoid router). transformers runs its `eager` (per-exp
 grouped GEMM on CPU, fp32 and bf16) and with its experts forced onto `torch._grouped_mm`. Also reports
 forward GFLOP/s next to one torch.matmul (MKL in fp32) and one oneDNN matmul of the same FLOPs (what this
 machine's GEMMs can do), the minor page faults per fwd+bwd, which dominate eager's time under glibc's
-default malloc settings, and the activation memory autograd keeps between forward and backward.
+default malloc settings, and the activation memory autograd keeps between forward and backward. The
+implementations are timed round-robin (timing.interleaved_medians), so none inherits another's heap.
 
     python bench/bench_moe.py [--tokens 2048] [--repeats 5]
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import resource
 import sys
 from pathlib import Path
@@ -24,7 +26,7 @@ from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import median_seconds, print_table  # noqa: E402
+from timing import interleaved_medians, median_seconds, print_table  # noqa: E402
 
 from shared_moe import MoEConfig  # noqa: E402
 from shared_moe.moe import MoE  # noqa: E402
@@ -104,21 +106,19 @@ def main() -> None:
             "transformers eager": hf["eager"], "transformers grouped_mm": hf["grouped_mm"],
             "shared_moe, experts on torch._grouped_mm": ours_grouped_mm, "shared_moe": ours,
         }
-        forward, train, faults, saved = {}, {}, {}, {}
-        for name, module in modules.items():
-            def fwd(module=module):
-                with torch.no_grad():
-                    module(x)
+        def fwd(module: torch.nn.Module) -> None:
+            with torch.no_grad():
+                module(x)
 
-            def fwd_bwd(module=module):
-                module.zero_grad(set_to_none=True)
-                xg = x.detach().requires_grad_()
-                (module(xg) * upstream).sum().backward()
+        def fwd_bwd(module: torch.nn.Module) -> None:
+            module.zero_grad(set_to_none=True)
+            xg = x.detach().requires_grad_()
+            (module(xg) * upstream).sum().backward()
 
-            forward[name] = median_seconds(fwd, args.repeats)
-            train[name] = median_seconds(fwd_bwd, args.repeats)
-            faults[name] = minor_faults_per_call(fwd_bwd)
-            saved[name] = saved_activation_bytes(module, x)
+        forward = interleaved_medians({n: functools.partial(fwd, m) for n, m in modules.items()}, args.repeats)
+        train = interleaved_medians({n: functools.partial(fwd_bwd, m) for n, m in modules.items()}, args.repeats)
+        faults = {name: minor_faults_per_call(functools.partial(fwd_bwd, m)) for name, m in modules.items()}
+        saved = {name: saved_activation_bytes(m, x) for name, m in modules.items()}
         flops = moe_flops(args.tokens)
         a = torch.randn(args.tokens, HIDDEN, dtype=dtype)
         b = torch.randn(HIDDEN, int(flops / (2 * args.tokens * HIDDEN)), dtype=dtype)
