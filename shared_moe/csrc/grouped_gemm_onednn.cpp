@@ -60,12 +60,20 @@ void check_token_ids(const at::Tensor& x, const at::Tensor& token_ids) {
   }
 }
 
-int64_t largest_group(at::IntArrayRef ends) {
-  int64_t start = 0, largest = 0;
-  for (const int64_t end : ends) {
-    largest = std::max(largest, end - start);
-    start = end;
+
+// body(e, start, count) for each expert e in order, with its rows [start, start + count) (count may be 0).
+template <typename Body>
+void for_each_expert(at::IntArrayRef ends, Body&& body) {
+  int64_t start = 0;
+  for (int64_t e = 0; e < static_cast<int64_t>(ends.size()); ++e) {
+    body(e, start, ends[e] - start);
+    start = ends[e];
   }
+}
+
+int64_t largest_group(at::IntArrayRef ends) {
+  int64_t largest = 0;
+  for_each_expert(ends, [&](int64_t, int64_t, int64_t count) { largest = std::max(largest, count); });
   return largest;
 }
 
@@ -84,15 +92,12 @@ at::Tensor grouped_linear(const at::Tensor& rows, const at::Tensor& weight, at::
   const auto x = rows.contiguous();
   TORCH_CHECK(x.size(1) == (transpose_weight ? weight.size(1) : weight.size(2)), "grouped GEMM: inner sizes differ");
   auto out = at::empty({x.size(0), transpose_weight ? weight.size(2) : weight.size(1)}, x.options());
-  int64_t start = 0;
-  for (int64_t e = 0; e < weight.size(0); ++e) {
-    const int64_t count = ends[e] - start;
+  for_each_expert(ends, [&](int64_t e, int64_t start, int64_t count) {
     if (count > 0) {
       const auto w = transpose_weight ? weight.select(0, e).t() : weight.select(0, e);
       linear_into(out.narrow(0, start, count), x.narrow(0, start, count), w);
     }
-    start = ends[e];
-  }
+  });
   return out;
 }
 
@@ -105,16 +110,13 @@ at::Tensor grouped_weight_grad(const at::Tensor& grad_out, const at::Tensor& row
   const auto x = rows.contiguous();
   auto grad = at::empty({static_cast<int64_t>(ends.size()), dy.size(1), x.size(1)}, x.options());
   check_groups(x, grad, ends);
-  int64_t start = 0;
-  for (int64_t e = 0; e < grad.size(0); ++e) {
-    const int64_t count = ends[e] - start;
+  for_each_expert(ends, [&](int64_t e, int64_t start, int64_t count) {
     if (count > 0) {
       linear_into(grad.select(0, e), dy.narrow(0, start, count).t(), x.narrow(0, start, count).t());
     } else {
       grad.select(0, e).zero_();
     }
-    start = ends[e];
-  }
+  });
   return grad;
 }
 
@@ -132,14 +134,11 @@ at::Tensor grouped_linear_gather(const at::Tensor& x_, const at::Tensor& token_i
   TORCH_CHECK(x.size(1) == weight.size(2), "grouped GEMM: inner sizes differ");
   auto out = at::empty({token_ids.numel(), weight.size(1)}, x.options());
   auto workspace = at::empty({largest_group(ends), x.size(1)}, x.options());
-  int64_t start = 0;
-  for (int64_t e = 0; e < weight.size(0); ++e) {
-    const int64_t count = ends[e] - start;
+  for_each_expert(ends, [&](int64_t e, int64_t start, int64_t count) {
     if (count > 0) {
       linear_into(out.narrow(0, start, count), gather_rows(x, token_ids, start, count, workspace), weight.select(0, e));
     }
-    start = ends[e];
-  }
+  });
   return out;
 }
 
@@ -154,16 +153,13 @@ at::Tensor grouped_linear_scatter(const at::Tensor& grad_out_, const at::Tensor&
   auto grad_x = at::zeros({num_tokens, weight.size(2)}, grad_out.options());
   check_token_ids(grad_x, token_ids);
   auto workspace = at::empty({largest_group(ends), weight.size(2)}, grad_out.options());
-  int64_t start = 0;
-  for (int64_t e = 0; e < weight.size(0); ++e) {
-    const int64_t count = ends[e] - start;
+  for_each_expert(ends, [&](int64_t e, int64_t start, int64_t count) {
     if (count > 0) {
       auto grad_rows = workspace.narrow(0, 0, count);
       linear_into(grad_rows, grad_out.narrow(0, start, count), weight.select(0, e).t());
       grad_x.index_add_(0, token_ids.narrow(0, start, count), grad_rows);
     }
-    start = ends[e];
-  }
+  });
   return grad_x;
 }
 
@@ -179,17 +175,14 @@ at::Tensor grouped_weight_grad_gather(const at::Tensor& grad_out_, const at::Ten
   auto grad = at::empty({static_cast<int64_t>(ends.size()), dy.size(1), x.size(1)}, x.options());
   check_groups(token_ids.numel(), x, grad, ends);
   auto workspace = at::empty({largest_group(ends), x.size(1)}, x.options());
-  int64_t start = 0;
-  for (int64_t e = 0; e < grad.size(0); ++e) {
-    const int64_t count = ends[e] - start;
+  for_each_expert(ends, [&](int64_t e, int64_t start, int64_t count) {
     if (count > 0) {
       const auto rows = gather_rows(x, token_ids, start, count, workspace);
       linear_into(grad.select(0, e), dy.narrow(0, start, count).t(), rows.t());
     } else {
       grad.select(0, e).zero_();
     }
-    start = ends[e];
-  }
+  });
   return grad;
 }
 
