@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 
 namespace {
 
@@ -77,12 +78,18 @@ int64_t largest_group(at::IntArrayRef ends) {
   return largest;
 }
 
-// The rows x[token_ids[start : start + count]], copied into the front of `workspace`.
+// The rows x[token_ids[start : start + count]] (x contiguous), copied into the front of `workspace`. Plain
+// row copies: per expert, `index_select` costs more in dispatch than in copying.
 at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& token_ids, int64_t start, int64_t count,
                        at::Tensor& workspace) {
-  auto rows = workspace.narrow(0, 0, count);
-  at::index_select_out(rows, x, 0, token_ids.narrow(0, start, count));
-  return rows;
+  const int64_t row_bytes = x.size(1) * x.element_size();
+  const auto* src = static_cast<const char*>(x.const_data_ptr());
+  auto* dst = static_cast<char*>(workspace.mutable_data_ptr());
+  const int64_t* ids = token_ids.const_data_ptr<int64_t>() + start;
+  for (int64_t i = 0; i < count; ++i) {
+    std::memcpy(dst + i * row_bytes, src + ids[i] * row_bytes, row_bytes);
+  }
+  return workspace.narrow(0, 0, count);
 }
 
 // out[rows of e] = rows[rows of e] @ weight[e].T, or @ weight[e] when transpose_weight (the input gradient).
@@ -121,8 +128,9 @@ at::Tensor grouped_weight_grad(const at::Tensor& grad_out, const at::Tensor& row
 }
 
 // Gathered variants: the expert rows are x[token_ids], gathered one expert at a time into a workspace of the
-// largest expert's size, so the (rows, in) copy of x never exists; it is the biggest saved activation of a
-// MoE layer. A token appears at most once per expert (top-k picks distinct experts).
+// largest expert's size, so the (rows, in) copy of x is never built in forward nor saved for backward (it is
+// the biggest saved activation of a MoE layer). The input gradient of those rows exists only inside the
+// backward op, which adds it into x's rows with one index_add.
 
 // out[i] = x[token_ids[i]] @ weight[e].T for the rows i of expert e.
 at::Tensor grouped_linear_gather(const at::Tensor& x_, const at::Tensor& token_ids_, const at::Tensor& weight,
@@ -142,7 +150,7 @@ at::Tensor grouped_linear_gather(const at::Tensor& x_, const at::Tensor& token_i
   return out;
 }
 
-// grad_x[t] = sum over the rows i of token t of grad_out[i] @ weight[e(i)], added expert by expert (a fixed order).
+// grad_x[t] = sum over the rows i of token t of grad_out[i] @ weight[e(i)], added in row order (deterministic).
 at::Tensor grouped_linear_scatter(const at::Tensor& grad_out_, const at::Tensor& token_ids_, const at::Tensor& weight,
                                   at::IntArrayRef ends, int64_t num_tokens) {
   const auto grad_out = grad_out_.contiguous();
@@ -152,15 +160,13 @@ at::Tensor grouped_linear_scatter(const at::Tensor& grad_out_, const at::Tensor&
               "grouped GEMM: grad_out must be (rows, out)");
   auto grad_x = at::zeros({num_tokens, weight.size(2)}, grad_out.options());
   check_token_ids(grad_x, token_ids);
-  auto workspace = at::empty({largest_group(ends), weight.size(2)}, grad_out.options());
+  auto grad_rows = at::empty({token_ids.numel(), weight.size(2)}, grad_out.options());  // transient
   for_each_expert(ends, [&](int64_t e, int64_t start, int64_t count) {
     if (count > 0) {
-      auto grad_rows = workspace.narrow(0, 0, count);
-      linear_into(grad_rows, grad_out.narrow(0, start, count), weight.select(0, e).t());
-      grad_x.index_add_(0, token_ids.narrow(0, start, count), grad_rows);
+      linear_into(grad_rows.narrow(0, start, count), grad_out.narrow(0, start, count), weight.select(0, e).t());
     }
   });
-  return grad_x;
+  return grad_x.index_add_(0, token_ids, grad_rows);  // one call: per expert, its dispatch cost dominates
 }
 
 // grad[e] = grad_out[rows of e].T @ x[token_ids of e], shape (E, out, in) like the weight; zero for idle experts.
