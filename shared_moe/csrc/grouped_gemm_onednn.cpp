@@ -36,17 +36,21 @@ void linear_into(at::Tensor out, const at::Tensor& x, const at::Tensor& w) {
   }
 }
 
-void check_groups(int64_t num_rows, const at::Tensor& rows, const at::Tensor& weight, at::IntArrayRef ends) {
-  TORCH_CHECK(rows.dim() == 2 && weight.dim() == 3, "grouped GEMM: rows must be 2-D and weight 3-D (E, out, in)");
-  TORCH_CHECK(rows.device().is_cpu() && weight.device().is_cpu(), "grouped GEMM (oneDNN): CPU tensors only");
-  TORCH_CHECK(rows.scalar_type() == weight.scalar_type(), "grouped GEMM: rows and weight dtypes differ");
-  TORCH_CHECK(static_cast<int64_t>(ends.size()) == weight.size(0), "grouped GEMM: need one end offset per expert");
+void check_ends(int64_t num_rows, at::IntArrayRef ends) {
   int64_t start = 0;
   for (const int64_t end : ends) {
     TORCH_CHECK(end >= start, "grouped GEMM: end offsets must be non-decreasing");
     start = end;
   }
   TORCH_CHECK(start == num_rows, "grouped GEMM: the last end offset must equal the number of rows");
+}
+
+void check_groups(int64_t num_rows, const at::Tensor& rows, const at::Tensor& weight, at::IntArrayRef ends) {
+  TORCH_CHECK(rows.dim() == 2 && weight.dim() == 3, "grouped GEMM: rows must be 2-D and weight 3-D (E, out, in)");
+  TORCH_CHECK(rows.device().is_cpu() && weight.device().is_cpu(), "grouped GEMM (oneDNN): CPU tensors only");
+  TORCH_CHECK(rows.scalar_type() == weight.scalar_type(), "grouped GEMM: rows and weight dtypes differ");
+  TORCH_CHECK(static_cast<int64_t>(ends.size()) == weight.size(0), "grouped GEMM: need one end offset per expert");
+  check_ends(num_rows, ends);
 }
 
 void check_groups(const at::Tensor& rows, const at::Tensor& weight, at::IntArrayRef ends) {
@@ -108,23 +112,31 @@ at::Tensor grouped_linear(const at::Tensor& rows, const at::Tensor& weight, at::
   return out;
 }
 
-// grad[e] = grad_out[rows of e].T @ rows[rows of e], shape (E, out, in) like the weight; zero for idle experts.
-at::Tensor grouped_weight_grad(const at::Tensor& grad_out, const at::Tensor& rows, at::IntArrayRef ends) {
-  TORCH_CHECK(grad_out.dim() == 2 && rows.dim() == 2 && grad_out.size(0) == rows.size(0),
-              "grouped weight gradient: grad_out and rows must be 2-D with the same number of rows");
-  TORCH_CHECK(grad_out.scalar_type() == rows.scalar_type(), "grouped weight gradient: dtypes differ");
-  const auto dy = grad_out.contiguous();
-  const auto x = rows.contiguous();
+// grad[e] = dy[rows of e].T @ rows_of(start, count), shape (E, out, in) like the weight; zero for idle experts.
+// `x` gives the input rows' width and dtype; rows_of returns expert e's (count, in) input rows.
+template <typename RowsOf>
+at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x, at::IntArrayRef ends, RowsOf&& rows_of) {
   auto grad = at::empty({static_cast<int64_t>(ends.size()), dy.size(1), x.size(1)}, x.options());
-  check_groups(x, grad, ends);
+  check_groups(dy.size(0), x, grad, ends);
   for_each_expert(ends, [&](int64_t e, int64_t start, int64_t count) {
     if (count > 0) {
-      linear_into(grad.select(0, e), dy.narrow(0, start, count).t(), x.narrow(0, start, count).t());
+      linear_into(grad.select(0, e), dy.narrow(0, start, count).t(), rows_of(start, count).t());
     } else {
       grad.select(0, e).zero_();
     }
   });
   return grad;
+}
+
+// grad[e] = grad_out[rows of e].T @ rows[rows of e].
+at::Tensor grouped_weight_grad(const at::Tensor& grad_out, const at::Tensor& rows, at::IntArrayRef ends) {
+  TORCH_CHECK(grad_out.dim() == 2 && rows.dim() == 2 && grad_out.size(0) == rows.size(0),
+              "grouped weight gradient: grad_out and rows must be 2-D with the same number of rows");
+  TORCH_CHECK(grad_out.scalar_type() == rows.scalar_type(), "grouped weight gradient: dtypes differ");
+  const auto x = rows.contiguous();
+  return weight_grad(grad_out.contiguous(), x, ends, [&](int64_t start, int64_t count) {
+    return x.narrow(0, start, count);
+  });
 }
 
 // Gathered variants: the expert rows are x[token_ids], gathered one expert at a time into a workspace of the
@@ -160,36 +172,23 @@ at::Tensor grouped_linear_scatter(const at::Tensor& grad_out_, const at::Tensor&
               "grouped GEMM: grad_out must be (rows, out)");
   auto grad_x = at::zeros({num_tokens, weight.size(2)}, grad_out.options());
   check_token_ids(grad_x, token_ids);
-  auto grad_rows = at::empty({token_ids.numel(), weight.size(2)}, grad_out.options());  // transient
-  for_each_expert(ends, [&](int64_t e, int64_t start, int64_t count) {
-    if (count > 0) {
-      linear_into(grad_rows.narrow(0, start, count), grad_out.narrow(0, start, count), weight.select(0, e).t());
-    }
-  });
+  const auto grad_rows = grouped_linear(grad_out, weight, ends, /*transpose_weight=*/true);  // transient
   return grad_x.index_add_(0, token_ids, grad_rows);  // one call: per expert, its dispatch cost dominates
 }
 
-// grad[e] = grad_out[rows of e].T @ x[token_ids of e], shape (E, out, in) like the weight; zero for idle experts.
-at::Tensor grouped_weight_grad_gather(const at::Tensor& grad_out_, const at::Tensor& x_, const at::Tensor& token_ids_,
+// grad[e] = grad_out[rows of e].T @ x[token_ids of e].
+at::Tensor grouped_weight_grad_gather(const at::Tensor& grad_out, const at::Tensor& x_, const at::Tensor& token_ids_,
                                      at::IntArrayRef ends) {
-  const auto dy = grad_out_.contiguous();
   const auto x = x_.contiguous();
   const auto token_ids = token_ids_.contiguous();
-  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == token_ids.numel() && dy.scalar_type() == x.scalar_type(),
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == token_ids.numel() && grad_out.scalar_type() == x.scalar_type(),
               "grouped weight gradient: grad_out must be (rows, out) in x's dtype");
   check_token_ids(x, token_ids);
-  auto grad = at::empty({static_cast<int64_t>(ends.size()), dy.size(1), x.size(1)}, x.options());
-  check_groups(token_ids.numel(), x, grad, ends);
+  check_ends(token_ids.numel(), ends);  // before sizing the workspace from them
   auto workspace = at::empty({largest_group(ends), x.size(1)}, x.options());
-  for_each_expert(ends, [&](int64_t e, int64_t start, int64_t count) {
-    if (count > 0) {
-      const auto rows = gather_rows(x, token_ids, start, count, workspace);
-      linear_into(grad.select(0, e), dy.narrow(0, start, count).t(), rows.t());
-    } else {
-      grad.select(0, e).zero_();
-    }
+  return weight_grad(grad_out.contiguous(), x, ends, [&](int64_t start, int64_t count) {
+    return gather_rows(x, token_ids, start, count, workspace);
   });
-  return grad;
 }
 
 }  // namespace
