@@ -47,10 +47,9 @@ class FusedSwiGLU(torch.autograd.Function):
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for rows laid out [gate | up], shape (..., 2 * width) -> (..., width)."""
-    if _use_fused(gate_up) and gate_up.dim() == 2:
-        return FusedSwiGLU.apply(gate_up)
     if _use_fused(gate_up):
-        return swiglu(gate_up.reshape(-1, gate_up.shape[-1])).unflatten(0, gate_up.shape[:-1])
+        h = FusedSwiGLU.apply(gate_up.reshape(-1, gate_up.shape[-1]))  # the kernel takes (rows, 2 * width)
+        return h if gate_up.dim() == 2 else h.unflatten(0, gate_up.shape[:-1])
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 

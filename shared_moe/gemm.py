@@ -2,8 +2,8 @@
 
 On CPU in fp32, torch's matmuls run MKL's sgemm, which takes its AVX2 kernels on AMD CPUs; oneDNN (inside
 libtorch, as `mkldnn::_linear_pointwise`) uses AVX-512 there and is about 2x faster (docs/benchmarks.md).
-Both kernels below route CPU fp32 work through oneDNN with hand-written backwards; everything else keeps
-torch's own kernels.
+Both kernels below route CPU work through oneDNN with hand-written backwards (`linear` in fp32, the grouped
+kernels in fp32 and bf16); everything else keeps torch's own kernels.
 
 `linear` / `Linear`: F.linear / nn.Linear that take oneDNN on CPU fp32 (same parameters, hooks and keys).
 

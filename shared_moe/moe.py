@@ -9,7 +9,7 @@ Routers (all math in fp32, whatever the model dtype):
 Excluded experts are masked with -inf (a 0.0 fill lets a group with negative biased scores win).
 
 Routed experts run as one sorted grouped GEMM: token-slot pairs are sorted by expert once, each
-projection is one grouped GEMM call (`gemm.py`: oneDNN on CPU fp32, `torch._grouped_mm`,
+projection is one grouped GEMM call (`gemm.py`: oneDNN on CPU in fp32 and bf16, `torch._grouped_mm`,
 or padded `bmm` when the shapes break its 16-byte stride rule). SwiGLU and the weighted sum of a
 token's K expert outputs are `expert_ops.py` (fused kernels on AVX-512 CPUs); the sum is deterministic
 (no atomics, fixed order).
