@@ -2,6 +2,7 @@
 
 `shared_moe::grouped_linear` and `shared_moe::grouped_weight_grad`: grouped GEMM through oneDNN (gemm.py).
 `shared_moe::swiglu`, `weighted_gather_sum` and their backwards: fused AVX-512 expert kernels (expert_ops.py).
+`shared_moe::routed_experts` and its backward: a MoE layer's routed experts as one op (fused_experts.py).
 
 The first build takes 10-20 s on a 2-core machine; torch caches it under TORCH_EXTENSIONS_DIR (default
 ~/.cache/torch_extensions). Without a C++ compiler and ninja, `available()` warns once and returns False, and
@@ -11,6 +12,7 @@ the callers use plain torch ops instead.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import subprocess
 import warnings
@@ -18,7 +20,13 @@ from pathlib import Path
 
 
 NAME = "shared_moe_cpu_ops"
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("grouped_gemm_onednn.cpp", "moe_kernels_avx512.cpp")]
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / name for name in ("grouped_gemm_onednn.cpp", "moe_kernels_avx512.cpp", "routed_experts.cpp")]
+
+
+def _headers_digest() -> str:
+    """torch's builder rebuilds when a source changes but not a header; a define with the headers' hash does."""
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(CSRC.glob("*.h")))).hexdigest()[:16]
 
 
 @functools.cache
@@ -37,7 +45,8 @@ def available() -> bool:
         load(
             name=NAME,
             sources=[str(p) for p in SOURCES],
-            extra_cflags=["-O3", "-fopenmp"],  # at::parallel_for is OpenMP pragmas in torch's headers
+            # at::parallel_for is OpenMP pragmas in torch's headers
+            extra_cflags=["-O3", "-fopenmp", f"-DSHARED_MOE_HEADERS={_headers_digest()}"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
         )

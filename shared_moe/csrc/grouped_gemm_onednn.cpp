@@ -3,16 +3,17 @@
 // Why: torch's CPU `_grouped_mm` runs each group through `at::mm`, which in fp32 is MKL's sgemm. On AMD CPUs
 // MKL picks its AVX2 kernels, while oneDNN (already inside libtorch as `mkldnn::_linear_pointwise`) uses
 // AVX-512 and is about twice as fast. In bf16 `at::mm` is already oneDNN and writes straight into the output.
-// Rows are sorted by expert; `ends[e]` is one past expert e's last row. The loop over experts runs here, in
-// C++, so Python sees one op per projection.
+// The loop over experts runs here, in C++, so Python sees one op per projection.
 
-#include <ATen/ATen.h>
+#include "grouped_gemm.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
 
+namespace shared_moe {
 namespace {
 
 // x (n, k) times w (m, k).T through oneDNN; w may be a strided view (a transpose costs nothing).
@@ -26,8 +27,8 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w) {
   return op.call(x, w, std::nullopt, "none", Scalars(), std::nullopt);
 }
 
-// out = x @ w.T: fp32 through oneDNN directly (torch's fp32 mm is MKL), other dtypes through at::mm (oneDNN for
-// bf16), which writes into `out` without a copy.
+}  // namespace
+
 void linear_into(at::Tensor out, const at::Tensor& x, const at::Tensor& w) {
   if (x.scalar_type() == at::kFloat) {
     out.copy_(onednn_linear(x, w));
@@ -45,6 +46,8 @@ void check_ends(int64_t num_rows, at::IntArrayRef ends) {
   TORCH_CHECK(start == num_rows, "grouped GEMM: the last end offset must equal the number of rows");
 }
 
+namespace {
+
 void check_groups(int64_t num_rows, const at::Tensor& rows, const at::Tensor& weight, at::IntArrayRef ends) {
   TORCH_CHECK(rows.dim() == 2 && weight.dim() == 3, "grouped GEMM: rows must be 2-D and weight 3-D (E, out, in)");
   TORCH_CHECK(rows.device().is_cpu() && weight.device().is_cpu(), "grouped GEMM (oneDNN): CPU tensors only");
@@ -57,22 +60,13 @@ void check_groups(const at::Tensor& rows, const at::Tensor& weight, at::IntArray
   check_groups(rows.size(0), rows, weight, ends);
 }
 
+}  // namespace
+
 void check_token_ids(const at::Tensor& x, const at::Tensor& token_ids) {
   TORCH_CHECK(token_ids.dim() == 1 && token_ids.scalar_type() == at::kLong, "grouped GEMM: token ids must be 1-D int64");
   if (token_ids.numel() > 0) {
     TORCH_CHECK(token_ids.min().item<int64_t>() >= 0 && token_ids.max().item<int64_t>() < x.size(0),
                 "grouped GEMM: token ids out of range");
-  }
-}
-
-
-// body(e, start, count) for each expert e in order, with its rows [start, start + count) (count may be 0).
-template <typename Body>
-void for_each_expert(at::IntArrayRef ends, Body&& body) {
-  int64_t start = 0;
-  for (int64_t e = 0; e < static_cast<int64_t>(ends.size()); ++e) {
-    body(e, start, ends[e] - start);
-    start = ends[e];
   }
 }
 
@@ -82,8 +76,7 @@ int64_t largest_group(at::IntArrayRef ends) {
   return largest;
 }
 
-// The rows x[token_ids[start : start + count]] (x contiguous), copied into the front of `workspace`. Plain
-// row copies: per expert, `index_select` costs more in dispatch than in copying.
+// Plain row copies: per expert, `index_select` costs more in dispatch than in copying.
 at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& token_ids, int64_t start, int64_t count,
                        at::Tensor& workspace) {
   const int64_t row_bytes = x.size(1) * x.element_size();
@@ -95,6 +88,8 @@ at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& token_ids, int64_t
   }
   return workspace.narrow(0, 0, count);
 }
+
+namespace {
 
 // out[rows of e] = rows[rows of e] @ weight[e].T, or @ weight[e] when transpose_weight (the input gradient).
 at::Tensor grouped_linear(const at::Tensor& rows, const at::Tensor& weight, at::IntArrayRef ends,
@@ -192,6 +187,7 @@ at::Tensor grouped_weight_grad_gather(const at::Tensor& grad_out, const at::Tens
 }
 
 }  // namespace
+}  // namespace shared_moe
 
 TORCH_LIBRARY(shared_moe, m) {
   m.def("grouped_linear(Tensor rows, Tensor weight, int[] ends, bool transpose_weight) -> Tensor");
@@ -202,9 +198,9 @@ TORCH_LIBRARY(shared_moe, m) {
 }
 
 TORCH_LIBRARY_IMPL(shared_moe, CPU, m) {
-  m.impl("grouped_linear", grouped_linear);
-  m.impl("grouped_weight_grad", grouped_weight_grad);
-  m.impl("grouped_linear_gather", grouped_linear_gather);
-  m.impl("grouped_linear_scatter", grouped_linear_scatter);
-  m.impl("grouped_weight_grad_gather", grouped_weight_grad_gather);
+  m.impl("grouped_linear", shared_moe::grouped_linear);
+  m.impl("grouped_weight_grad", shared_moe::grouped_weight_grad);
+  m.impl("grouped_linear_gather", shared_moe::grouped_linear_gather);
+  m.impl("grouped_linear_scatter", shared_moe::grouped_linear_scatter);
+  m.impl("grouped_weight_grad_gather", shared_moe::grouped_weight_grad_gather);
 }

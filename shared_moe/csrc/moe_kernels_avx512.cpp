@@ -8,7 +8,8 @@
 // Only AVX-512 code is here (`target` attributes, so the library still loads on other CPUs); Python checks
 // `torch.backends.cpu.get_cpu_capability()` and uses plain torch ops elsewhere, and every op checks again.
 
-#include <ATen/ATen.h>
+#include "expert_kernels.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
@@ -20,6 +21,7 @@
 
 #define SHARED_MOE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
+namespace shared_moe {
 namespace {
 
 // Full vectors take plain loads and stores (masked stores are slow on some AMD cores); the row tail is masked.
@@ -120,22 +122,39 @@ SHARED_MOE_AVX512 void gather_sum_row(const T* rows, const int64_t* slots, const
   }
 }
 
+// out = w * grad and *dot = grad . row over one row of `width`.
+template <typename T>
+SHARED_MOE_AVX512 void scale_row_and_dot(const T* grad, const T* row, float w, T* out, float* dot, int64_t width) {
+  const __m512 wv = _mm512_set1_ps(w);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < width; j += 16) {
+    const __mmask16 m = tail_mask(width - j);
+    const __m512 gv = load(grad + j, m);
+    if (dot != nullptr) {
+      acc = _mm512_fmadd_ps(gv, load(row + j, m), acc);
+    }
+    store(out + j, _mm512_mul_ps(wv, gv), m);
+  }
+  if (dot != nullptr) {
+    *dot = _mm512_reduce_add_ps(acc);
+  }
+}
+
+// target[j] += row[j] for j in [begin, end), into an fp32 target.
+template <typename T>
+SHARED_MOE_AVX512 void add_row(float* target, const T* row, int64_t begin, int64_t end) {
+  for (int64_t j = begin; j < end; j += 16) {
+    const __mmask16 m = tail_mask(end - j);
+    store(target + j, _mm512_add_ps(load(target + j, m), load(row + j, m)), m);
+  }
+}
+
 // grad_rows[slots[t, k]] = weights[t, k] * grad[t]; grad_weights[t, k] = grad[t] . rows[slots[t, k]].
 template <typename T>
 SHARED_MOE_AVX512 void gather_sum_backward_row(const T* grad, const T* rows, const int64_t* slots, const float* weights,
                                                T* grad_rows, float* grad_weights, int64_t top_k, int64_t width) {
   for (int64_t k = 0; k < top_k; ++k) {
-    const T* row = rows + slots[k] * width;
-    T* grad_row = grad_rows + slots[k] * width;
-    const __m512 w = _mm512_set1_ps(weights[k]);
-    __m512 dot = _mm512_setzero_ps();
-    for (int64_t j = 0; j < width; j += 16) {
-      const __mmask16 m = tail_mask(width - j);
-      const __m512 gv = load(grad + j, m);
-      dot = _mm512_fmadd_ps(gv, load(row + j, m), dot);
-      store(grad_row + j, _mm512_mul_ps(w, gv), m);
-    }
-    grad_weights[k] = _mm512_reduce_add_ps(dot);
+    scale_row_and_dot(grad, rows + slots[k] * width, weights[k], grad_rows + slots[k] * width, grad_weights + k, width);
   }
 }
 
@@ -155,22 +174,96 @@ void dispatch_fp32_bf16(const at::Tensor& t, const char* name, F&& body) {
 }
 
 constexpr int64_t kRowGrain = 32;  // rows per task: a few KB of work, enough to amortise a thread hand-off
+constexpr int64_t kColumnGrain = 64;  // columns per task when threads split the columns
 
-at::Tensor swiglu(const at::Tensor& gate_up) {
-  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "swiglu: gate_up must be (rows, 2 * width)");
-  const auto x = gate_up.contiguous();
-  const int64_t width = x.size(1) / 2;
-  auto h = at::empty({x.size(0), width}, x.options());
-  dispatch_fp32_bf16(x, "swiglu", [&](auto tag) {
+void check_rows(const at::Tensor& t, int64_t rows, int64_t width, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == width && t.is_contiguous() &&
+                  t.scalar_type() == like.scalar_type(),
+              name, ": expected a contiguous (", rows, ", ", width, ") tensor of dtype ", like.scalar_type());
+}
+
+}  // namespace
+
+void swiglu_into(const at::Tensor& gate_up, at::Tensor h) {
+  const int64_t width = h.size(1);
+  check_rows(gate_up, h.size(0), 2 * width, h, "swiglu");
+  check_rows(h, h.size(0), width, h, "swiglu");
+  dispatch_fp32_bf16(h, "swiglu", [&](auto tag) {
     using T = decltype(tag);
-    const T* in = x.const_data_ptr<T>();
+    const T* in = gate_up.const_data_ptr<T>();
     T* out = h.mutable_data_ptr<T>();
-    at::parallel_for(0, x.size(0), kRowGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, h.size(0), kRowGrain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         swiglu_row(in + r * 2 * width, in + r * 2 * width + width, out + r * width, width);
       }
     });
   });
+}
+
+void swiglu_backward_into(const at::Tensor& grad_h, const at::Tensor& gate_up, at::Tensor grad_gate_up) {
+  const int64_t rows = grad_h.size(0), width = grad_h.size(1);
+  check_rows(grad_h, rows, width, gate_up, "swiglu_backward");
+  check_rows(gate_up, rows, 2 * width, gate_up, "swiglu_backward");
+  check_rows(grad_gate_up, rows, 2 * width, gate_up, "swiglu_backward");
+  dispatch_fp32_bf16(gate_up, "swiglu_backward", [&](auto tag) {
+    using T = decltype(tag);
+    const T* in = gate_up.const_data_ptr<T>();
+    const T* d = grad_h.const_data_ptr<T>();
+    T* out = grad_gate_up.mutable_data_ptr<T>();
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t row = r * 2 * width;
+        swiglu_backward_row(d + r * width, in + row, in + row + width, out + row, out + row + width, width);
+      }
+    });
+  });
+}
+
+void scale_gathered_rows(const at::Tensor& grad, const int64_t* token_ids, const float* row_weights,
+                         const at::Tensor& rows, at::Tensor out, float* dots) {
+  const int64_t width = out.size(1);
+  check_rows(out, out.size(0), width, grad, "scale_gathered_rows");
+  check_rows(grad, grad.size(0), width, grad, "scale_gathered_rows");
+  if (dots != nullptr) {
+    check_rows(rows, out.size(0), width, grad, "scale_gathered_rows");
+  }
+  dispatch_fp32_bf16(grad, "scale_gathered_rows", [&](auto tag) {
+    using T = decltype(tag);
+    const T* gp = grad.const_data_ptr<T>();
+    const T* rp = dots != nullptr ? rows.const_data_ptr<T>() : nullptr;
+    T* op = out.mutable_data_ptr<T>();
+    at::parallel_for(0, out.size(0), kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        scale_row_and_dot(gp + token_ids[i] * width, rp == nullptr ? nullptr : rp + i * width, row_weights[i],
+                          op + i * width, dots == nullptr ? nullptr : dots + i, width);
+      }
+    });
+  });
+}
+
+void add_rows(at::Tensor target, const int64_t* token_ids, const at::Tensor& rows) {
+  const int64_t width = target.size(1);
+  TORCH_CHECK(target.scalar_type() == at::kFloat && target.is_contiguous(), "add_rows: the target must be contiguous fp32");
+  check_rows(rows, rows.size(0), width, rows, "add_rows");
+  dispatch_fp32_bf16(rows, "add_rows", [&](auto tag) {
+    using T = decltype(tag);
+    float* tp = target.mutable_data_ptr<float>();
+    const T* rp = rows.const_data_ptr<T>();
+    at::parallel_for(0, width, kColumnGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = 0; i < rows.size(0); ++i) {
+        add_row(tp + token_ids[i] * width, rp + i * width, begin, end);
+      }
+    });
+  });
+}
+
+namespace {
+
+at::Tensor swiglu(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "swiglu: gate_up must be (rows, 2 * width)");
+  const auto x = gate_up.contiguous();
+  auto h = at::empty({x.size(0), x.size(1) / 2}, x.options());
+  swiglu_into(x, h);
   return h;
 }
 
@@ -179,21 +272,8 @@ at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& gate_up) {
                   2 * grad.size(1) == gate_up.size(1) && grad.scalar_type() == gate_up.scalar_type(),
               "swiglu_backward: grad must be (rows, width) for gate_up (rows, 2 * width), same dtype");
   const auto x = gate_up.contiguous();
-  const auto dh = grad.contiguous();
-  const int64_t width = dh.size(1);
   auto grad_gate_up = at::empty_like(x);
-  dispatch_fp32_bf16(x, "swiglu_backward", [&](auto tag) {
-    using T = decltype(tag);
-    const T* in = x.const_data_ptr<T>();
-    const T* d = dh.const_data_ptr<T>();
-    T* out = grad_gate_up.mutable_data_ptr<T>();
-    at::parallel_for(0, x.size(0), kRowGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t row = r * 2 * width;
-        swiglu_backward_row(d + r * width, in + row, in + row + width, out + row, out + row + width, width);
-      }
-    });
-  });
+  swiglu_backward_into(grad.contiguous(), x, grad_gate_up);
   return grad_gate_up;
 }
 
@@ -208,6 +288,8 @@ void check_gather(const at::Tensor& rows, const at::Tensor& slots, const at::Ten
                 "weighted_gather_sum: slots out of range");
   }
 }
+
+}  // namespace
 
 at::Tensor weighted_gather_sum(const at::Tensor& rows, const at::Tensor& slots, const at::Tensor& weights) {
   check_gather(rows, slots, weights);
@@ -230,6 +312,8 @@ at::Tensor weighted_gather_sum(const at::Tensor& rows, const at::Tensor& slots, 
   });
   return out;
 }
+
+namespace {
 
 // Slots must be a permutation of the rows (each row read by exactly one token), so every grad row is written once.
 std::tuple<at::Tensor, at::Tensor> weighted_gather_sum_backward(const at::Tensor& grad, const at::Tensor& rows,
@@ -268,6 +352,7 @@ std::tuple<at::Tensor, at::Tensor> weighted_gather_sum_backward(const at::Tensor
 }
 
 }  // namespace
+}  // namespace shared_moe
 
 TORCH_LIBRARY_FRAGMENT(shared_moe, m) {
   m.def("swiglu(Tensor gate_up) -> Tensor");
@@ -277,8 +362,8 @@ TORCH_LIBRARY_FRAGMENT(shared_moe, m) {
 }
 
 TORCH_LIBRARY_IMPL(shared_moe, CPU, m) {
-  m.impl("swiglu", swiglu);
-  m.impl("swiglu_backward", swiglu_backward);
-  m.impl("weighted_gather_sum", weighted_gather_sum);
-  m.impl("weighted_gather_sum_backward", weighted_gather_sum_backward);
+  m.impl("swiglu", shared_moe::swiglu);
+  m.impl("swiglu_backward", shared_moe::swiglu_backward);
+  m.impl("weighted_gather_sum", shared_moe::weighted_gather_sum);
+  m.impl("weighted_gather_sum_backward", shared_moe::weighted_gather_sum_backward);
 }

@@ -1,0 +1,65 @@
+"""A MoE layer's routed experts as one fused CPU op pair (csrc/routed_experts.cpp), fp32 and bf16.
+
+The op runs each expert's rows through gather, gate_up GEMM, SwiGLU, down GEMM and (in backward) their
+gradients in small per-expert workspaces. The separate grouped ops (gemm.py, expert_ops.py) instead write
+every stage's (tokens * top_k, width) tensor to memory, and in backward allocate five such tensors each step.
+Results are bit-identical to those separate ops: same oneDNN matmuls, same row kernels, same order.
+
+Used by `moe.Experts` when its grouped GEMM resolves to the oneDNN kernel and the AVX-512 row kernels run
+(eager CPU, fp32 or bf16). Once differentiable, like the oneDNN grouped GEMM: for double backward set
+`Experts.gemm_backend = "grouped_mm"`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .expert_ops import fused_kernels_available
+from .gemm import pick_backend
+
+
+def fused_experts_available(x: torch.Tensor, gate_up_proj: torch.Tensor, backend: str = "auto") -> bool:
+    """Whether `routed_experts` runs the fused op for these tensors and this grouped GEMM backend."""
+    return pick_backend(x, gate_up_proj, backend) == "onednn" and fused_kernels_available()
+
+
+class FusedRoutedExperts(torch.autograd.Function):
+    """Saves the sorted rows' gate_up, SwiGLU and down activations, each only when a requested gradient needs it
+    (x and the weights are kept anyway by the layer and its parameters)."""
+
+    @staticmethod
+    def forward(ctx, x, gate_up_proj, down_proj, weights, order, ends):
+        out, gate_up, h, down = torch.ops.shared_moe.routed_experts(x, order, gate_up_proj, down_proj, weights, ends,
+                                                                    True)
+        needs_x, needs_gate_up_proj, needs_down_proj, needs_weights = ctx.needs_input_grad[:4]
+        needs_h_grad = needs_x or needs_gate_up_proj
+        empty = x.new_empty(0)
+        ctx.save_for_backward(
+            x, order, gate_up_proj, down_proj, weights,
+            gate_up if needs_h_grad else empty,
+            h if (needs_h_grad or needs_down_proj) else empty,
+            down if needs_weights else empty,
+        )
+        ctx.ends = ends
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, order, gate_up_proj, down_proj, weights, gate_up, h, down = ctx.saved_tensors
+        grads = torch.ops.shared_moe.routed_experts_backward(
+            grad, x, order, gate_up_proj, down_proj, weights, gate_up, h, down, ctx.ends, list(ctx.needs_input_grad[:4]))
+        return (*grads, None, None)
+
+
+def routed_experts(
+    x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
+    order: torch.Tensor, ends: list[int],
+) -> torch.Tensor:
+    """sum_k weights[t, k] * expert(x[t]) for the flat (token, k) slots sorted by expert (`order`), with
+    `ends[e]` one past expert e's last sorted row. x (tokens, d), fp32 weights (tokens, K) -> (tokens, d)."""
+    tensors = (x, gate_up_proj, down_proj, weights)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return FusedRoutedExperts.apply(x, gate_up_proj, down_proj, weights, order, ends)
+    return torch.ops.shared_moe.routed_experts(x, order, gate_up_proj, down_proj, weights, ends, False)[0]
