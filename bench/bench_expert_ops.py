@@ -65,7 +65,7 @@ def main() -> None:
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         fused = timings(dtype, args.repeats)
-        with mock.patch.object(expert_ops, "_use_fused", lambda x: False):
+        with mock.patch.object(expert_ops, "use_fused_kernels", lambda x: False):
             plain = timings(dtype, args.repeats)
         for name in fused:
             (f_fwd, f_train), (p_fwd, p_train) = fused[name], plain[name]

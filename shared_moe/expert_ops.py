@@ -23,7 +23,8 @@ def fused_kernels_available() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX512" and cpu_ext.available()
 
 
-def _use_fused(x: torch.Tensor) -> bool:
+def use_fused_kernels(x: torch.Tensor) -> bool:
+    """Whether ops on x run the fused kernels (here and in fused_experts.py)."""
     return x.dtype in (torch.float32, torch.bfloat16) and eager_cpu(x) and fused_kernels_available()
 
 
@@ -47,7 +48,7 @@ class FusedSwiGLU(torch.autograd.Function):
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for rows laid out [gate | up], shape (..., 2 * width) -> (..., width)."""
-    if _use_fused(gate_up):
+    if use_fused_kernels(gate_up):
         h = FusedSwiGLU.apply(gate_up.reshape(-1, gate_up.shape[-1]))  # the kernel takes (rows, 2 * width)
         return h if gate_up.dim() == 2 else h.unflatten(0, gate_up.shape[:-1])
     gate, up = gate_up.chunk(2, dim=-1)
@@ -84,7 +85,7 @@ def combine(sorted_rows: torch.Tensor, order: torch.Tensor, weights: torch.Tenso
     a fixed summation order and no atomics on either path.
     """
     tokens, top_k = weights.shape
-    if _use_fused(sorted_rows):
+    if use_fused_kernels(sorted_rows):
         slots = torch.empty_like(order).index_copy_(0, order, torch.arange(len(order), device=order.device))
         return FusedWeightedGatherSum.apply(sorted_rows, slots.view(tokens, top_k), weights.float())
     out = torch.empty_like(sorted_rows).index_copy_(0, order, sorted_rows)

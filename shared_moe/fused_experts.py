@@ -15,13 +15,13 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .expert_ops import fused_kernels_available
+from . import expert_ops
 from .gemm import pick_backend
 
 
 def fused_experts_available(x: torch.Tensor, gate_up_proj: torch.Tensor, backend: str = "auto") -> bool:
     """Whether `routed_experts` runs the fused op for these tensors and this grouped GEMM backend."""
-    return pick_backend(x, gate_up_proj, backend) == "onednn" and fused_kernels_available()
+    return pick_backend(x, gate_up_proj, backend) == "onednn" and expert_ops.use_fused_kernels(x)
 
 
 class FusedRoutedExperts(torch.autograd.Function):
@@ -48,8 +48,9 @@ class FusedRoutedExperts(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x, order, gate_up_proj, down_proj, weights, gate_up, h, down = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[:4])
         grads = torch.ops.shared_moe.routed_experts_backward(
-            grad, x, order, gate_up_proj, down_proj, weights, gate_up, h, down, ctx.ends, list(ctx.needs_input_grad[:4]))
+            grad, x, order, gate_up_proj, down_proj, weights, gate_up, h, down, ctx.ends, needs)
         return (*grads, None, None)
 
 

@@ -14,8 +14,11 @@
 #include "expert_kernels.h"
 #include "grouped_gemm.h"
 
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <tuple>
 #include <vector>
 
@@ -65,30 +68,63 @@ Routing check_and_route(const at::Tensor& x, const at::Tensor& order, const at::
   return routing;
 }
 
+// Calls body(e, start, count, worker) once for every expert with rows. The threads take experts from a shared
+// cursor, largest first, so the big ones do not pile up at the end. Each expert's oneDNN matmuls and row kernels
+// then run single-threaded inside this parallel region (no nested parallelism): no thread waits at a barrier
+// after every small per-expert call. `worker` in [0, workers) indexes the caller's per-thread workspaces.
+template <typename Body>
+void parallel_over_experts(at::IntArrayRef ends, int64_t workers, Body&& body) {
+  std::vector<int64_t> starts(ends.size()), busy;
+  for_each_expert(ends, [&](int64_t e, int64_t start, int64_t count) {
+    starts[e] = start;
+    if (count > 0) {
+      busy.push_back(e);
+    }
+  });
+  const auto count_of = [&](int64_t e) { return ends[e] - starts[e]; };
+  std::stable_sort(busy.begin(), busy.end(), [&](int64_t a, int64_t b) { return count_of(a) > count_of(b); });
+  std::atomic<size_t> cursor{0};
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // grad mode is per thread: workers start with it on
+    for (int64_t worker = begin; worker < end; ++worker) {
+      for (size_t i = cursor++; i < busy.size(); i = cursor++) {
+        body(busy[i], starts[busy[i]], count_of(busy[i]), worker);
+      }
+    }
+  });
+}
+
+int64_t worker_count() {
+  return at::in_parallel_region() ? 1 : at::get_num_threads();
+}
+
+// Per-worker scratch rows: (workers, rows, width), one slice per worker.
+at::Tensor workspaces(int64_t workers, int64_t rows, int64_t width, const at::Tensor& like) {
+  return at::empty({workers, rows, width}, like.options());
+}
+
 // Returns (out, gate_up, h, down): out (tokens, hidden) is the weighted sum of each token's expert outputs;
 // gate_up, h = swiglu(gate_up) and down are the sorted rows' activations. With save_activations false (no
-// backward to come), gate_up and h live only in per-expert workspaces and come back empty.
+// backward to come), gate_up and h live only in per-worker workspaces and come back empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_experts(
     const at::Tensor& x_, const at::Tensor& order, const at::Tensor& gate_up_proj, const at::Tensor& down_proj,
     const at::Tensor& weights, at::IntArrayRef ends, bool save_activations) {
   const auto x = x_.contiguous();
   const Routing routing = check_and_route(x, order, gate_up_proj, down_proj, weights, ends);
-  const int64_t rows = order.numel(), width = down_proj.size(2), largest = largest_group(ends);
-  const int64_t saved_rows = save_activations ? rows : 0;
+  const int64_t rows = order.numel(), hidden = x.size(1), width = down_proj.size(2), largest = largest_group(ends);
+  const int64_t workers = worker_count(), saved_rows = save_activations ? rows : 0;
   auto gate_up = at::empty({saved_rows, 2 * width}, x.options());
   auto h = at::empty({saved_rows, width}, x.options());
-  auto down = at::empty({rows, x.size(1)}, x.options());
-  auto x_rows = at::empty({largest, x.size(1)}, x.options());
-  auto gate_up_rows = save_activations ? gate_up : at::empty({largest, 2 * width}, x.options());
-  auto h_rows = save_activations ? h : at::empty({largest, width}, x.options());
-  for_each_expert(ends, [&](int64_t e, int64_t start, int64_t count) {
-    if (count == 0) {
-      return;
-    }
-    const int64_t first = save_activations ? start : 0;
-    const auto expert_gate_up = gate_up_rows.narrow(0, first, count);
-    const auto expert_h = h_rows.narrow(0, first, count);
-    linear_into(expert_gate_up, gather_rows(x, routing.token_ids, start, count, x_rows), gate_up_proj.select(0, e));
+  auto down = at::empty({rows, hidden}, x.options());
+  const auto x_rows = workspaces(workers, largest, hidden, x);
+  const auto gate_up_rows = workspaces(save_activations ? 0 : workers, largest, 2 * width, x);
+  const auto h_rows = workspaces(save_activations ? 0 : workers, largest, width, x);
+  parallel_over_experts(ends, workers, [&](int64_t e, int64_t start, int64_t count, int64_t worker) {
+    auto x_ws = x_rows.select(0, worker);
+    const auto expert_gate_up = save_activations ? gate_up.narrow(0, start, count)
+                                                 : gate_up_rows.select(0, worker).narrow(0, 0, count);
+    const auto expert_h = save_activations ? h.narrow(0, start, count) : h_rows.select(0, worker).narrow(0, 0, count);
+    linear_into(expert_gate_up, gather_rows(x, routing.token_ids, start, count, x_ws), gate_up_proj.select(0, e));
     swiglu_into(expert_gate_up, expert_h);
     linear_into(down.narrow(0, start, count), expert_h, down_proj.select(0, e));
   });
@@ -122,23 +158,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_experts_backwa
   const auto gate_up = gate_up_.contiguous();
   const auto h = h_.contiguous();
   const auto down = down_.contiguous();
-  // index_add_ order and precision: rows added in sorted order into fp32, rounded once at the end.
-  auto grad_x = needs_x ? at::zeros(x.sizes(), x.options().dtype(at::kFloat)) : at::Tensor();
-  auto grad_gate_up_proj = needs_gate_up_proj ? at::empty_like(gate_up_proj) : at::Tensor();
-  auto grad_down_proj = needs_down_proj ? at::empty_like(down_proj) : at::Tensor();
+  auto grad_gate_up_proj = needs_gate_up_proj ? at::zeros_like(gate_up_proj) : at::Tensor();
+  auto grad_down_proj = needs_down_proj ? at::zeros_like(down_proj) : at::Tensor();
+  // Each row's input gradient, added into x's rows after the parallel part, in row order (as index_add_ does).
+  auto grad_x_rows = at::empty({needs_x ? rows : 0, hidden}, x.options());
   std::vector<float> dots(needs_weights ? rows : 0);
-  auto grad_down_rows = at::empty({largest, hidden}, x.options());  // also the input-gradient rows, later
-  auto grad_h_rows = at::empty({largest, width}, x.options());
-  auto grad_gate_up_rows = at::empty({largest, 2 * width}, x.options());
-  auto x_rows = at::empty({needs_gate_up_proj ? largest : 0, hidden}, x.options());
+  const int64_t workers = worker_count();
+  const auto grad_down_ws = workspaces(workers, largest, hidden, x);
+  const auto grad_h_ws = workspaces(needs_h_grad ? workers : 0, largest, width, x);
+  const auto grad_gate_up_ws = workspaces(needs_h_grad ? workers : 0, largest, 2 * width, x);
+  const auto x_ws = workspaces(needs_gate_up_proj ? workers : 0, largest, hidden, x);
   const int64_t* token_ids = routing.token_ids.const_data_ptr<int64_t>();
-  for_each_expert(ends, [&](int64_t e, int64_t start, int64_t count) {
-    if (count == 0) {
-      if (needs_gate_up_proj) grad_gate_up_proj.select(0, e).zero_();
-      if (needs_down_proj) grad_down_proj.select(0, e).zero_();
-      return;
-    }
-    const auto grad_down = grad_down_rows.narrow(0, 0, count);
+  parallel_over_experts(ends, workers, [&](int64_t e, int64_t start, int64_t count, int64_t worker) {
+    const auto grad_down = grad_down_ws.select(0, worker).narrow(0, 0, count);
     scale_gathered_rows(grad, token_ids + start, routing.row_weights.data() + start,
                         needs_weights ? down.narrow(0, start, count) : grad_down, grad_down,
                         needs_weights ? dots.data() + start : nullptr);
@@ -148,20 +180,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_experts_backwa
     if (!needs_h_grad) {
       return;
     }
-    const auto grad_h = grad_h_rows.narrow(0, 0, count);
-    const auto grad_gate_up = grad_gate_up_rows.narrow(0, 0, count);
+    const auto grad_h = grad_h_ws.select(0, worker).narrow(0, 0, count);
+    const auto grad_gate_up = grad_gate_up_ws.select(0, worker).narrow(0, 0, count);
     linear_into(grad_h, grad_down, down_proj.select(0, e).t());
     swiglu_backward_into(grad_h, gate_up.narrow(0, start, count), grad_gate_up);
     if (needs_gate_up_proj) {
-      const auto x_e = gather_rows(x, routing.token_ids, start, count, x_rows);
-      linear_into(grad_gate_up_proj.select(0, e), grad_gate_up.t(), x_e.t());
+      auto x_rows = x_ws.select(0, worker);
+      linear_into(grad_gate_up_proj.select(0, e), grad_gate_up.t(),
+                  gather_rows(x, routing.token_ids, start, count, x_rows).t());
     }
     if (needs_x) {
-      const auto grad_x_rows = grad_down_rows.narrow(0, 0, count);  // grad_down is spent
-      linear_into(grad_x_rows, grad_gate_up, gate_up_proj.select(0, e).t());
-      add_rows(grad_x, token_ids + start, grad_x_rows);
+      linear_into(grad_x_rows.narrow(0, start, count), grad_gate_up, gate_up_proj.select(0, e).t());
     }
   });
+  at::Tensor grad_x;
+  if (needs_x) {  // summed in fp32 and rounded once, like index_add_ in bf16
+    grad_x = at::zeros(x.sizes(), x.options().dtype(at::kFloat));
+    add_rows(grad_x, token_ids, grad_x_rows);
+    if (x.scalar_type() != at::kFloat) {
+      grad_x = grad_x.to(x.scalar_type());
+    }
+  }
   at::Tensor grad_weights;
   if (needs_weights) {
     grad_weights = at::empty(weights.sizes(), weights.options());
@@ -170,9 +209,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_experts_backwa
     for (int64_t slot = 0; slot < rows; ++slot) {
       gw[slot] = dots[slots[slot]];
     }
-  }
-  if (needs_x && x.scalar_type() != at::kFloat) {
-    grad_x = grad_x.to(x.scalar_type());
   }
   return {grad_x, grad_gate_up_proj, grad_down_proj, grad_weights};
 }

@@ -28,7 +28,7 @@ pytestmark = requires_fused
 @pytest.fixture
 def torch_only(monkeypatch):
     """Run expert_ops on its plain-torch path."""
-    monkeypatch.setattr(expert_ops, "_use_fused", lambda x: False)
+    monkeypatch.setattr(expert_ops, "use_fused_kernels", lambda x: False)
 
 
 def reference_swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -103,7 +103,7 @@ def test_fused_combine_matches_torch_path_with_gradients(top_k, width, dtype, mo
 
     assert "FusedWeightedGatherSum" in type(combine(rows.requires_grad_(), order, weights).grad_fn).__name__
     fused = run()
-    monkeypatch.setattr(expert_ops, "_use_fused", lambda x: False)
+    monkeypatch.setattr(expert_ops, "use_fused_kernels", lambda x: False)
     plain = run()
     # fp32: only the summation order differs. bf16: the torch path rounds weights and each product to bf16.
     tol = dict(rtol=1e-5, atol=5e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2 * top_k)
@@ -161,7 +161,7 @@ def test_experts_layer_same_with_and_without_fused_kernels_fp32(monkeypatch):
     experts, x, indices, weights = experts_case(torch.float32)
     assert fused_kernels_available()  # so the first run below does take the fused path
     fused = run_experts(experts, x, indices, weights)
-    monkeypatch.setattr(expert_ops, "_use_fused", lambda x: False)
+    monkeypatch.setattr(expert_ops, "use_fused_kernels", lambda x: False)
     for got, expected in zip(fused, run_experts(experts, x, indices, weights)):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -171,7 +171,7 @@ def test_experts_layer_in_bf16_as_accurate_as_torch_ops(monkeypatch):
     experts, x, indices, weights = experts_case(torch.bfloat16)
     exact = run_experts(copy.deepcopy(experts).float(), x.float(), indices, weights)
     fused = run_experts(experts, x, indices, weights)
-    monkeypatch.setattr(expert_ops, "_use_fused", lambda x: False)
+    monkeypatch.setattr(expert_ops, "use_fused_kernels", lambda x: False)
     plain = run_experts(experts, x, indices, weights)
     for f, p, e in zip(fused, plain, exact):
         fused_error, plain_error = ((f - e).norm() / e.norm()).item(), ((p - e).norm() / e.norm()).item()
@@ -197,13 +197,13 @@ def test_torch_func_forward_ad_and_autocast_take_the_torch_path(monkeypatch):
         tangent = torch.autograd.forward_ad.unpack_dual(swiglu(dual)).tangent  # no jvp in the fused kernels
     torch.testing.assert_close(tangent, torch.func.jvp(reference_swiglu, (gate_up,), (torch.ones_like(gate_up),))[1])
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not expert_ops._use_fused(gate_up)
+    assert not expert_ops.use_fused_kernels(gate_up)
     monkeypatch.undo()
     grads = torch.func.grad(lambda t: swiglu(t).sum())(gate_up)  # the fused Function has no vmap/func rule
     torch.testing.assert_close(grads, torch.func.grad(lambda t: reference_swiglu(t).sum())(gate_up))
-    assert not expert_ops._use_fused(torch.randn(2, 2).half())
+    assert not expert_ops.use_fused_kernels(torch.randn(2, 2).half())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not expert_ops._use_fused(gate_up)
+        assert not expert_ops.use_fused_kernels(gate_up)
 
 
 def test_cpus_without_avx512_take_the_torch_path():
@@ -230,6 +230,6 @@ def test_double_backward_through_fused_ops_matches_torch_path(monkeypatch):
         return [xg.grad, wg.grad, *(p.grad for p in experts.parameters())]
 
     fused = penalty_grads()
-    monkeypatch.setattr(expert_ops, "_use_fused", lambda x: False)
+    monkeypatch.setattr(expert_ops, "use_fused_kernels", lambda x: False)
     for got, expected in zip(fused, penalty_grads()):  # second-order terms: fp32 rounding grows to ~1e-4
         torch.testing.assert_close(got, expected, rtol=2e-4, atol=2e-4 * expected.abs().max().item())
