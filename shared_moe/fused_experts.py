@@ -1,9 +1,11 @@
 """A MoE layer's routed experts as one fused CPU op pair (csrc/routed_experts.cpp), fp32 and bf16.
 
 The op runs each expert's rows through gather, gate_up GEMM, SwiGLU, down GEMM and (in backward) their
-gradients in small per-expert workspaces. The separate grouped ops (gemm.py, expert_ops.py) instead write
-every stage's (tokens * top_k, width) tensor to memory, and in backward allocate five such tensors each step.
-Results are bit-identical to those separate ops: same oneDNN matmuls, same row kernels, same order.
+gradients in small per-thread workspaces, the experts spread over the threads (largest first) and each
+expert's calls single-threaded, so no thread waits at a barrier after every small per-expert call. The
+separate grouped ops (gemm.py, expert_ops.py) instead write every stage's (tokens * top_k, width) tensor to
+memory and split every call over the threads. Results are bit-identical to those separate ops: same oneDNN
+matmuls, same row kernels, the input gradient summed in the same order.
 
 Used by `moe.Experts` when its grouped GEMM resolves to the oneDNN kernel and the AVX-512 row kernels run
 (eager CPU, fp32 or bf16). Once differentiable, like the oneDNN grouped GEMM: for double backward set

@@ -91,7 +91,8 @@ class TopkRouter(Fp32BuffersMixin):
 class Experts(nn.Module):
     """Routed experts stored fused like transformers 5: gate_up_proj (E, 2I, d), down_proj (E, d, I).
 
-    `gemm_backend` picks the grouped GEMM kernel (see `gemm.BACKENDS`); "auto" chooses per device and dtype.
+    `gemm_backend` picks the grouped GEMM kernel (see `gemm.BACKENDS`); "auto" chooses per device and dtype, and
+    where it resolves to oneDNN on an AVX-512 CPU the whole chain runs as the fused op of `fused_experts.py`.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, gemm_backend: str = "auto"):
