@@ -2,8 +2,8 @@
 
 Shape from the issue: hidden 512, 64 routed experts, top-6, expert width 256, 2048 tokens (plus one
 shared expert and the V3 sigmoid router). transformers runs its `eager` (per-expert loop) and
-`grouped_mm` experts implementations. shared_moe runs twice: with its default kernels (oneDNN
-grouped GEMM on CPU, fp32 and bf16) and with its experts forced onto `torch._grouped_mm`. Also reports
+`grouped_mm` experts implementations. shared_moe runs twice: with its default kernels (on AVX-512 CPUs the
+fused routed-experts op, fp32 and bf16) and with its experts forced onto `torch._grouped_mm`. Also reports
 forward GFLOP/s next to one torch.matmul (MKL in fp32) and one oneDNN matmul of the same FLOPs (what this
 machine's GEMMs can do), the minor page faults per fwd+bwd, which dominate eager's time under glibc's
 default malloc settings, and the activation memory autograd keeps between forward and backward. The
