@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import MoEConfig, MoEForCausalLM, from_pretrained
+from . import MoEConfig, MoEForCausalLM, cpu_ext, from_pretrained
 from .speculative import mtp_generate
 
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,6 +56,8 @@ def _generate(args: argparse.Namespace) -> int:
             prompt_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
         prompt_ids = prompt_ids.to(model.device)
         eos = model.config.eos_token_id if tokenizer is None else tokenizer.eos_token_id
+        if model.device.type == "cpu":
+            cpu_ext.available()  # a first run compiles the C++ CPU ops (10-20 s): not decode time
         start = time.perf_counter()
         if args.use_mtp:
             result = mtp_generate(model, prompt_ids, args.max_new_tokens, eos_token_id=eos)
