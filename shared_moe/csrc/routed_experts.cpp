@@ -3,10 +3,12 @@
 // Why: as separate grouped ops, each stage (gate_up GEMM, SwiGLU, down GEMM, combine) writes a
 // (tokens * top_k, width) tensor to memory and the next stage reads it back. Backward also allocates five such
 // tensors fresh every step, and glibc maps multi-MB blocks anew, so the kernel zeroes and maps every page again
-// (about 1 us per 4 KB page on the VMs we measured). Here each expert's rows run through all the stages in
-// small workspaces that stay in L2 cache. The only large allocations are the outputs, plus in forward the
-// activations that backward needs. The arithmetic is the same per-expert oneDNN matmuls and row kernels as the
-// separate ops (grouped_gemm.h, expert_kernels.h), so both give bit-identical results.
+// (about 1 us per 4 KB page on the VMs we measured); and every small per-expert call is split over all threads,
+// which then wait at a barrier. Here each thread takes whole experts and runs each one's rows through all the
+// stages in its own small workspaces, which stay in L2 cache. The only large allocations are the outputs, in
+// forward the activations that backward needs, and in backward the rows' input gradients. The arithmetic is
+// the same per-expert oneDNN matmuls and row kernels as the separate ops (grouped_gemm.h, expert_kernels.h),
+// and the input gradient is summed in the same order, so both give bit-identical results.
 //
 // `order` sorts the flat (token, k) slots by expert: sorted row i is slot order[i], token order[i] / top_k.
 // `ends[e]` is one past expert e's last sorted row.
