@@ -4,8 +4,11 @@ The op runs each expert's rows through gather, gate_up GEMM, SwiGLU, down GEMM a
 gradients in small per-thread workspaces, the experts spread over the threads (largest first) and each
 expert's calls single-threaded, so no thread waits at a barrier after every small per-expert call. The
 separate grouped ops (gemm.py, expert_ops.py) instead write every stage's (tokens * top_k, width) tensor to
-memory and split every call over the threads. Results are bit-identical to those separate ops: same oneDNN
-matmuls, same row kernels, the input gradient summed in the same order.
+memory and split every call over the threads. Results are bit-identical to those separate ops run on one
+thread: same oneDNN matmuls, same row kernels, the input gradient summed in the same order. (On several
+threads, oneDNN splits a bf16 weight-gradient reduction of about 2048 rows and more across them, which can move
+the last bit of those separate-op gradients; the fused op runs each call on one thread, so its results do
+not depend on the thread count.)
 
 Used by `moe.Experts` when its grouped GEMM resolves to the oneDNN kernel and the AVX-512 row kernels run
 (eager CPU, fp32 or bf16). Once differentiable, like the oneDNN grouped GEMM: for double backward set
@@ -40,7 +43,7 @@ class FusedRoutedExperts(torch.autograd.Function):
         ctx.save_for_backward(
             x, order, gate_up_proj, down_proj, weights,
             gate_up if needs_h_grad else empty,
-            h if (needs_h_grad or needs_down_proj) else empty,
+            h if needs_down_proj else empty,
             down if needs_weights else empty,
         )
         ctx.ends = ends

@@ -8,7 +8,10 @@
 // stages in its own small workspaces, which stay in L2 cache. The only large allocations are the outputs, in
 // forward the activations that backward needs, and in backward the rows' input gradients. The arithmetic is
 // the same per-expert oneDNN matmuls and row kernels as the separate ops (grouped_gemm.h, expert_kernels.h),
-// and the input gradient is summed in the same order, so both give bit-identical results.
+// and the input gradient is summed in the same order, so both give bit-identical results, with one caveat:
+// here every oneDNN call is single-threaded, and in bf16 oneDNN splits the reduction of a large expert's
+// weight gradient (about 2048 rows and more) over threads, so those can differ in the last bit from the
+// separate ops run on several threads. They match the separate ops run on one thread.
 //
 // `order` sorts the flat (token, k) slots by expert: sorted row i is slot order[i], token order[i] / top_k.
 // `ends[e]` is one past expert e's last sorted row.
@@ -45,6 +48,9 @@ Routing check_and_route(const at::Tensor& x, const at::Tensor& order, const at::
               "routed_experts: expected gate_up_proj (E, 2I, hidden) and down_proj (E, hidden, I)");
   TORCH_CHECK(gate_up_proj.scalar_type() == x.scalar_type() && down_proj.scalar_type() == x.scalar_type(),
               "routed_experts: x and the expert weights must share a dtype");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "routed_experts: fp32 or bf16 only, got ", x.scalar_type());
+  TORCH_CHECK(x.size(1) > 0 && down_proj.size(2) > 0, "routed_experts: hidden and expert widths must be positive");
   TORCH_CHECK(static_cast<int64_t>(ends.size()) == gate_up_proj.size(0), "routed_experts: one end offset per expert");
   const int64_t rows = weights.numel(), top_k = weights.size(1);
   TORCH_CHECK(order.dim() == 1 && order.numel() == rows && order.scalar_type() == at::kLong,
@@ -148,11 +154,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_experts_backwa
               "routed_experts_backward: grad must match x");
   const bool needs_h_grad = needs_x || needs_gate_up_proj;
   const auto is_rows = [&](const at::Tensor& t, int64_t cols) {
-    return t.dim() == 2 && t.size(0) == rows && t.size(1) == cols;
+    return t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.scalar_type() == x.scalar_type();
   };
   TORCH_CHECK(!needs_h_grad || is_rows(gate_up_, 2 * width),
               "routed_experts_backward: gate_up must be the saved (rows, 2I) activations");
-  TORCH_CHECK(!(needs_h_grad || needs_down_proj) || is_rows(h_, width),
+  TORCH_CHECK(!needs_down_proj || is_rows(h_, width),
               "routed_experts_backward: h must be the saved (rows, I) activations");
   TORCH_CHECK(!needs_weights || is_rows(down_, hidden),
               "routed_experts_backward: down must be the saved (rows, hidden) activations");

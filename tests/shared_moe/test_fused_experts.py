@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
-from shared_moe import fused_experts
+from shared_moe import cpu_ext, fused_experts
 from shared_moe.moe import Experts
 
 from .test_expert_ops import requires_fused
 
 pytestmark = requires_fused
+
+
+@pytest.fixture(autouse=True, scope="module")
+def built_ops():
+    assert cpu_ext.available()  # the op tests below call torch.ops.shared_moe directly
 
 
 def make_case(dtype: torch.dtype, tokens: int = 45, hidden: int = 40, width: int = 24, experts: int = 9, top_k: int = 3,
@@ -56,14 +63,33 @@ def test_fused_experts_bit_identical_to_separate_ops(dtype, monkeypatch):
 
 def test_fused_experts_do_not_depend_on_thread_count():
     layer, x, indices, weights = make_case(torch.bfloat16, tokens=300, hidden=64, width=32)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with one_thread():
         single = fwd_bwd(layer, x, indices, weights)
-    finally:
-        torch.set_num_threads(threads)
     for name, value in fwd_bwd(layer, x, indices, weights).items():
         assert torch.equal(value, single[name]), name
+
+
+@contextlib.contextmanager
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fused_experts_match_single_threaded_separate_ops_for_a_large_expert(monkeypatch):
+    """oneDNN splits a bf16 weight-gradient reduction of ~2048+ rows over threads; the fused op never does."""
+    layer, x, indices, weights = make_case(torch.bfloat16, tokens=2304, hidden=48, width=24, experts=4, top_k=2)
+    indices[:, 0] = 0  # expert 0 takes every token
+    indices[:, 1] = torch.arange(len(indices)) % 3 + 1
+    fused = fwd_bwd(layer, x, indices, weights)
+    separate_ops(monkeypatch)
+    with one_thread():
+        separate = fwd_bwd(layer, x, indices, weights)
+    for name, expected in separate.items():
+        assert torch.equal(fused[name], expected), name
 
 
 @pytest.mark.parametrize("frozen", ["experts", "inputs", "routing"])
@@ -80,15 +106,19 @@ def test_fused_experts_compute_only_the_requested_gradients(frozen, monkeypatch)
         assert expected is None or torch.equal(fused[name], expected), name
 
 
-def test_fused_experts_save_only_what_backward_needs():
-    """With frozen experts and inputs, only the routing weights' gradient is wanted: it needs the down rows only."""
+@pytest.mark.parametrize("wanted", ["routing", "inputs"])
+def test_fused_experts_save_only_what_backward_needs(wanted):
+    """Frozen experts: the routing weights' gradient needs the down rows, the input's needs the gate_up rows."""
     layer, x, indices, weights = make_case(torch.float32)
     layer.requires_grad_(False)
     sizes = []
+    xg, wg = x.clone().requires_grad_(wanted == "inputs"), weights.clone().requires_grad_(wanted == "routing")
     with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-        layer(x, indices, weights.clone().requires_grad_())
+        layer(xg, indices, wg)
     rows, hidden, width = indices.numel(), x.shape[1], layer.down_proj.shape[2]
-    assert rows * hidden in sizes and rows * width not in sizes and rows * 2 * width not in sizes
+    assert (rows * hidden in sizes) == (wanted == "routing")
+    assert (rows * 2 * width in sizes) == (wanted == "inputs")
+    assert rows * width not in sizes  # the SwiGLU rows only serve the frozen down_proj's gradient
 
 
 def test_inference_matches_training_forward():
@@ -118,3 +148,5 @@ def test_fused_experts_op_rejects_bad_routing():
         op(x, order, *args[:2], weights.double(), ends, False)
     with pytest.raises(RuntimeError, match="share a dtype"):
         op(x.bfloat16(), order, *args, ends, False)
+    with pytest.raises(RuntimeError, match="fp32 or bf16 only"):
+        op(x.half(), order, args[0].half(), args[1].half(), weights, ends, False)
