@@ -35,17 +35,11 @@ class FusedRoutedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gate_up_proj, down_proj, weights, order, ends):
-        out, gate_up, h, down = torch.ops.shared_moe.routed_experts(x, order, gate_up_proj, down_proj, weights, ends,
-                                                                    True)
         needs_x, needs_gate_up_proj, needs_down_proj, needs_weights = ctx.needs_input_grad[:4]
-        needs_h_grad = needs_x or needs_gate_up_proj
-        empty = x.new_empty(0)
-        ctx.save_for_backward(
-            x, order, gate_up_proj, down_proj, weights,
-            gate_up if needs_h_grad else empty,
-            h if needs_down_proj else empty,
-            down if needs_weights else empty,
-        )
+        out, gate_up, h, down = torch.ops.shared_moe.routed_experts(
+            x, order, gate_up_proj, down_proj, weights, ends, needs_x or needs_gate_up_proj, needs_down_proj)
+        ctx.save_for_backward(x, order, gate_up_proj, down_proj, weights, gate_up, h,
+                              down if needs_weights else x.new_empty(0))
         ctx.ends = ends
         return out
 
@@ -68,4 +62,4 @@ def routed_experts(
     tensors = (x, gate_up_proj, down_proj, weights)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return FusedRoutedExperts.apply(x, gate_up_proj, down_proj, weights, order, ends)
-    return torch.ops.shared_moe.routed_experts(x, order, gate_up_proj, down_proj, weights, ends, False)[0]
+    return torch.ops.shared_moe.routed_experts(x, order, gate_up_proj, down_proj, weights, ends, False, False)[0]

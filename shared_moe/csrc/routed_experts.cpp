@@ -112,26 +112,27 @@ at::Tensor workspaces(int64_t workers, int64_t rows, int64_t width, const at::Te
 }
 
 // Returns (out, gate_up, h, down): out (tokens, hidden) is the weighted sum of each token's expert outputs;
-// gate_up, h = swiglu(gate_up) and down are the sorted rows' activations. With save_activations false (no
-// backward to come), gate_up and h live only in per-worker workspaces and come back empty.
+// gate_up, h = swiglu(gate_up) and down are the sorted rows' activations. gate_up and h are kept only when
+// asked for (backward needs gate_up for the input and gate_up_proj gradients, h for down_proj's); otherwise
+// they live in per-worker workspaces and come back empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_experts(
     const at::Tensor& x_, const at::Tensor& order, const at::Tensor& gate_up_proj, const at::Tensor& down_proj,
-    const at::Tensor& weights, at::IntArrayRef ends, bool save_activations) {
+    const at::Tensor& weights, at::IntArrayRef ends, bool keep_gate_up, bool keep_h) {
   const auto x = x_.contiguous();
   const Routing routing = check_and_route(x, order, gate_up_proj, down_proj, weights, ends);
   const int64_t rows = order.numel(), hidden = x.size(1), width = down_proj.size(2), largest = largest_group(ends);
-  const int64_t workers = worker_count(), saved_rows = save_activations ? rows : 0;
-  auto gate_up = at::empty({saved_rows, 2 * width}, x.options());
-  auto h = at::empty({saved_rows, width}, x.options());
+  const int64_t workers = worker_count();
+  auto gate_up = at::empty({keep_gate_up ? rows : 0, 2 * width}, x.options());
+  auto h = at::empty({keep_h ? rows : 0, width}, x.options());
   auto down = at::empty({rows, hidden}, x.options());
   const auto x_rows = workspaces(workers, largest, hidden, x);
-  const auto gate_up_rows = workspaces(save_activations ? 0 : workers, largest, 2 * width, x);
-  const auto h_rows = workspaces(save_activations ? 0 : workers, largest, width, x);
+  const auto gate_up_rows = workspaces(keep_gate_up ? 0 : workers, largest, 2 * width, x);
+  const auto h_rows = workspaces(keep_h ? 0 : workers, largest, width, x);
   parallel_over_experts(ends, workers, [&](int64_t e, int64_t start, int64_t count, int64_t worker) {
     auto x_ws = x_rows.select(0, worker);
-    const auto expert_gate_up = save_activations ? gate_up.narrow(0, start, count)
-                                                 : gate_up_rows.select(0, worker).narrow(0, 0, count);
-    const auto expert_h = save_activations ? h.narrow(0, start, count) : h_rows.select(0, worker).narrow(0, 0, count);
+    const auto expert_gate_up = keep_gate_up ? gate_up.narrow(0, start, count)
+                                             : gate_up_rows.select(0, worker).narrow(0, 0, count);
+    const auto expert_h = keep_h ? h.narrow(0, start, count) : h_rows.select(0, worker).narrow(0, 0, count);
     linear_into(expert_gate_up, gather_rows(x, routing.token_ids, start, count, x_ws), gate_up_proj.select(0, e));
     swiglu_into(expert_gate_up, expert_h);
     linear_into(down.narrow(0, start, count), expert_h, down_proj.select(0, e));
@@ -230,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_experts_backwa
 
 TORCH_LIBRARY_FRAGMENT(shared_moe, m) {
   m.def("routed_experts(Tensor x, Tensor order, Tensor gate_up_proj, Tensor down_proj, Tensor weights, int[] ends, "
-        "bool save_activations) -> (Tensor, Tensor, Tensor, Tensor)");
+        "bool keep_gate_up, bool keep_h) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("routed_experts_backward(Tensor grad, Tensor x, Tensor order, Tensor gate_up_proj, Tensor down_proj, "
         "Tensor weights, Tensor gate_up, Tensor h, Tensor down, int[] ends, bool[4] needs) "
         "-> (Tensor, Tensor, Tensor, Tensor)");

@@ -141,12 +141,12 @@ def test_fused_experts_op_rejects_bad_routing():
     op = torch.ops.shared_moe.routed_experts
     args = (layer.gate_up_proj.detach(), layer.down_proj.detach(), weights)
     with pytest.raises(RuntimeError, match="permutation"):
-        op(x, torch.zeros_like(order), *args, ends, False)
+        op(x, torch.zeros_like(order), *args, ends, False, False)
     with pytest.raises(RuntimeError, match="end offset"):
-        op(x, order, *args, [e - 1 for e in ends], False)
+        op(x, order, *args, [e - 1 for e in ends], False, False)
     with pytest.raises(RuntimeError, match="fp32"):
-        op(x, order, *args[:2], weights.double(), ends, False)
+        op(x, order, *args[:2], weights.double(), ends, False, False)
     with pytest.raises(RuntimeError, match="share a dtype"):
-        op(x.bfloat16(), order, *args, ends, False)
+        op(x.bfloat16(), order, *args, ends, False, False)
     with pytest.raises(RuntimeError, match="fp32 or bf16 only"):
-        op(x.half(), order, args[0].half(), args[1].half(), weights, ends, False)
+        op(x.half(), order, args[0].half(), args[1].half(), weights, ends, False, False)
