@@ -4,6 +4,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
 
 namespace shared_moe {
 
@@ -32,6 +37,38 @@ void for_each_expert(at::IntArrayRef ends, Body&& body) {
     body(e, start, ends[e] - start);
     start = ends[e];
   }
+}
+
+// Threads for parallel_over_experts: 1 when already inside a parallel region.
+int64_t worker_count();
+
+// Per-worker scratch rows: (workers, rows, width), one slice per worker.
+at::Tensor workspaces(int64_t workers, int64_t rows, int64_t width, const at::Tensor& like);
+
+// Calls body(e, start, count, worker) once for every expert with rows. The threads take experts from a shared
+// cursor, largest first, so the big ones do not pile up at the end. Each expert's oneDNN matmuls and row kernels
+// then run single-threaded inside this parallel region (no nested parallelism): no thread waits at a barrier
+// after every small per-expert call. `worker` in [0, workers) indexes the caller's per-thread workspaces.
+template <typename Body>
+void parallel_over_experts(at::IntArrayRef ends, int64_t workers, Body&& body) {
+  std::vector<int64_t> starts(ends.size()), busy;
+  for_each_expert(ends, [&](int64_t e, int64_t start, int64_t count) {
+    starts[e] = start;
+    if (count > 0) {
+      busy.push_back(e);
+    }
+  });
+  const auto count_of = [&](int64_t e) { return ends[e] - starts[e]; };
+  std::stable_sort(busy.begin(), busy.end(), [&](int64_t a, int64_t b) { return count_of(a) > count_of(b); });
+  std::atomic<size_t> cursor{0};
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // grad mode is per thread: workers start with it on
+    for (int64_t worker = begin; worker < end; ++worker) {
+      for (size_t i = cursor++; i < busy.size(); i = cursor++) {
+        body(busy[i], starts[busy[i]], count_of(busy[i]), worker);
+      }
+    }
+  });
 }
 
 }  // namespace shared_moe

@@ -3,7 +3,8 @@
 // Why: torch's CPU `_grouped_mm` runs each group through `at::mm`, which in fp32 is MKL's sgemm. On AMD CPUs
 // MKL picks its AVX2 kernels, while oneDNN (already inside libtorch as `mkldnn::_linear_pointwise`) uses
 // AVX-512 and is about twice as fast. In bf16 `at::mm` is already oneDNN and writes straight into the output.
-// The loop over experts runs here, in C++, so Python sees one op per projection.
+// The loop over experts runs here, in C++, so Python sees one op per projection, and the experts are spread
+// over the threads (parallel_over_experts), each expert's matmul single-threaded.
 
 #include "grouped_gemm.h"
 
@@ -76,6 +77,14 @@ int64_t largest_group(at::IntArrayRef ends) {
   return largest;
 }
 
+int64_t worker_count() {
+  return at::in_parallel_region() ? 1 : at::get_num_threads();
+}
+
+at::Tensor workspaces(int64_t workers, int64_t rows, int64_t width, const at::Tensor& like) {
+  return at::empty({workers, rows, width}, like.options());
+}
+
 // Plain row copies: per expert, `index_select` costs more in dispatch than in copying.
 at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& token_ids, int64_t start, int64_t count,
                        at::Tensor& workspace) {
@@ -98,27 +107,27 @@ at::Tensor grouped_linear(const at::Tensor& rows, const at::Tensor& weight, at::
   const auto x = rows.contiguous();
   TORCH_CHECK(x.size(1) == (transpose_weight ? weight.size(1) : weight.size(2)), "grouped GEMM: inner sizes differ");
   auto out = at::empty({x.size(0), transpose_weight ? weight.size(2) : weight.size(1)}, x.options());
-  for_each_expert(ends, [&](int64_t e, int64_t start, int64_t count) {
-    if (count > 0) {
-      const auto w = transpose_weight ? weight.select(0, e).t() : weight.select(0, e);
-      linear_into(out.narrow(0, start, count), x.narrow(0, start, count), w);
-    }
+  parallel_over_experts(ends, worker_count(), [&](int64_t e, int64_t start, int64_t count, int64_t) {
+    const auto w = transpose_weight ? weight.select(0, e).t() : weight.select(0, e);
+    linear_into(out.narrow(0, start, count), x.narrow(0, start, count), w);
   });
   return out;
 }
 
-// grad[e] = dy[rows of e].T @ rows_of(start, count), shape (E, out, in) like the weight; zero for idle experts.
-// `x` gives the input rows' width and dtype; rows_of returns expert e's (count, in) input rows.
+// grad[e] = dy[rows of e].T @ rows_of(start, count, worker), shape (E, out, in) like the weight; zero for idle
+// experts. `x` gives the input rows' width and dtype; rows_of returns expert e's (count, in) input rows.
 template <typename RowsOf>
-at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x, at::IntArrayRef ends, RowsOf&& rows_of) {
+at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x, at::IntArrayRef ends, int64_t workers,
+                       RowsOf&& rows_of) {
   auto grad = at::empty({static_cast<int64_t>(ends.size()), dy.size(1), x.size(1)}, x.options());
   check_groups(dy.size(0), x, grad, ends);
-  for_each_expert(ends, [&](int64_t e, int64_t start, int64_t count) {
-    if (count > 0) {
-      linear_into(grad.select(0, e), dy.narrow(0, start, count).t(), rows_of(start, count).t());
-    } else {
+  for_each_expert(ends, [&](int64_t e, int64_t, int64_t count) {
+    if (count == 0) {
       grad.select(0, e).zero_();
     }
+  });
+  parallel_over_experts(ends, workers, [&](int64_t e, int64_t start, int64_t count, int64_t worker) {
+    linear_into(grad.select(0, e), dy.narrow(0, start, count).t(), rows_of(start, count, worker).t());
   });
   return grad;
 }
@@ -129,13 +138,13 @@ at::Tensor grouped_weight_grad(const at::Tensor& grad_out, const at::Tensor& row
               "grouped weight gradient: grad_out and rows must be 2-D with the same number of rows");
   TORCH_CHECK(grad_out.scalar_type() == rows.scalar_type(), "grouped weight gradient: dtypes differ");
   const auto x = rows.contiguous();
-  return weight_grad(grad_out.contiguous(), x, ends, [&](int64_t start, int64_t count) {
+  return weight_grad(grad_out.contiguous(), x, ends, worker_count(), [&](int64_t start, int64_t count, int64_t) {
     return x.narrow(0, start, count);
   });
 }
 
-// Gathered variants: the expert rows are x[token_ids], gathered one expert at a time into a workspace of the
-// largest expert's size, so the (rows, in) copy of x is never built in forward nor saved for backward (it is
+// Gathered variants: the expert rows are x[token_ids], gathered one expert at a time into a per-thread
+// workspace of the largest expert's size, so the (rows, in) copy of x is never built in forward nor saved for backward (it is
 // the biggest saved activation of a MoE layer). The input gradient of those rows exists only inside the
 // backward op, which adds it into x's rows with one index_add.
 
@@ -148,11 +157,11 @@ at::Tensor grouped_linear_gather(const at::Tensor& x_, const at::Tensor& token_i
   check_token_ids(x, token_ids);
   TORCH_CHECK(x.size(1) == weight.size(2), "grouped GEMM: inner sizes differ");
   auto out = at::empty({token_ids.numel(), weight.size(1)}, x.options());
-  auto workspace = at::empty({largest_group(ends), x.size(1)}, x.options());
-  for_each_expert(ends, [&](int64_t e, int64_t start, int64_t count) {
-    if (count > 0) {
-      linear_into(out.narrow(0, start, count), gather_rows(x, token_ids, start, count, workspace), weight.select(0, e));
-    }
+  const int64_t workers = worker_count();
+  const auto rows = workspaces(workers, largest_group(ends), x.size(1), x);
+  parallel_over_experts(ends, workers, [&](int64_t e, int64_t start, int64_t count, int64_t worker) {
+    auto workspace = rows.select(0, worker);
+    linear_into(out.narrow(0, start, count), gather_rows(x, token_ids, start, count, workspace), weight.select(0, e));
   });
   return out;
 }
@@ -179,9 +188,11 @@ at::Tensor grouped_weight_grad_gather(const at::Tensor& grad_out, const at::Tens
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == token_ids.numel() && grad_out.scalar_type() == x.scalar_type(),
               "grouped weight gradient: grad_out must be (rows, out) in x's dtype");
   check_token_ids(x, token_ids);
-  check_ends(token_ids.numel(), ends);  // before sizing the workspace from them
-  auto workspace = at::empty({largest_group(ends), x.size(1)}, x.options());
-  return weight_grad(grad_out.contiguous(), x, ends, [&](int64_t start, int64_t count) {
+  check_ends(token_ids.numel(), ends);  // before sizing the workspaces from them
+  const int64_t workers = worker_count();
+  const auto rows = workspaces(workers, largest_group(ends), x.size(1), x);
+  return weight_grad(grad_out.contiguous(), x, ends, workers, [&](int64_t start, int64_t count, int64_t worker) {
+    auto workspace = rows.select(0, worker);
     return gather_rows(x, token_ids, start, count, workspace);
   });
 }
