@@ -39,6 +39,9 @@ void for_each_expert(at::IntArrayRef ends, Body&& body) {
   }
 }
 
+// Zeroes the (E, out, in) weight gradient's slices of idle experts; the callers write every busy expert's slice.
+void zero_idle_experts(at::Tensor grad, at::IntArrayRef ends);
+
 // Threads for parallel_over_experts: 1 when already inside a parallel region.
 int64_t worker_count();
 

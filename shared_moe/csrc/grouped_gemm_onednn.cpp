@@ -77,6 +77,14 @@ int64_t largest_group(at::IntArrayRef ends) {
   return largest;
 }
 
+void zero_idle_experts(at::Tensor grad, at::IntArrayRef ends) {
+  for_each_expert(ends, [&](int64_t e, int64_t, int64_t count) {
+    if (count == 0) {
+      grad.select(0, e).zero_();
+    }
+  });
+}
+
 int64_t worker_count() {
   return at::in_parallel_region() ? 1 : at::get_num_threads();
 }
@@ -121,11 +129,7 @@ at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x, at::IntArrayRe
                        RowsOf&& rows_of) {
   auto grad = at::empty({static_cast<int64_t>(ends.size()), dy.size(1), x.size(1)}, x.options());
   check_groups(dy.size(0), x, grad, ends);
-  for_each_expert(ends, [&](int64_t e, int64_t, int64_t count) {
-    if (count == 0) {
-      grad.select(0, e).zero_();
-    }
-  });
+  zero_idle_experts(grad, ends);
   parallel_over_experts(ends, workers, [&](int64_t e, int64_t start, int64_t count, int64_t worker) {
     linear_into(grad.select(0, e), dy.narrow(0, start, count).t(), rows_of(start, count, worker).t());
   });

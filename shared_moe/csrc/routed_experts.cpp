@@ -129,12 +129,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_experts_backwa
   const auto gate_up = gate_up_.contiguous();
   const auto h = h_.contiguous();
   const auto down = down_.contiguous();
-  auto grad_gate_up_proj = needs_gate_up_proj ? at::empty_like(gate_up_proj) : at::Tensor();
-  auto grad_down_proj = needs_down_proj ? at::empty_like(down_proj) : at::Tensor();
-  for_each_expert(ends, [&](int64_t e, int64_t, int64_t count) {  // the busy experts' slices are all written
-    if (count == 0 && needs_gate_up_proj) grad_gate_up_proj.select(0, e).zero_();
-    if (count == 0 && needs_down_proj) grad_down_proj.select(0, e).zero_();
-  });
+  at::Tensor grad_gate_up_proj, grad_down_proj;
+  if (needs_gate_up_proj) {
+    grad_gate_up_proj = at::empty_like(gate_up_proj);
+    zero_idle_experts(grad_gate_up_proj, ends);
+  }
+  if (needs_down_proj) {
+    grad_down_proj = at::empty_like(down_proj);
+    zero_idle_experts(grad_down_proj, ends);
+  }
   // Each row's input gradient, added into x's rows after the parallel part, in row order (as index_add_ does).
   auto grad_x_rows = at::empty({needs_x ? rows : 0, hidden}, x.options());
   std::vector<float> dots(needs_weights ? rows : 0);
