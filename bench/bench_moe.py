@@ -5,9 +5,10 @@ shared expert and the V3 sigmoid router). transformers runs its `eager` (per-exp
 `grouped_mm` experts implementations. shared_moe runs twice: with its default kernels (on AVX-512 CPUs the
 fused routed-experts op, fp32 and bf16) and with its experts forced onto `torch._grouped_mm`. Also reports
 forward GFLOP/s next to one torch.matmul (MKL in fp32) and one oneDNN matmul of the same FLOPs (what this
-machine's GEMMs can do), the minor page faults per fwd+bwd, which dominate eager's time under glibc's
-default malloc settings, and the activation memory autograd keeps between forward and backward. The
-implementations are timed round-robin (timing.interleaved_medians), so none inherits another's heap.
+machine's GEMMs can do), the minor page faults per fwd+bwd (counted on the timed calls), which dominate
+eager's time under glibc's default malloc settings, and the activation memory autograd keeps between forward
+and backward. The implementations are timed round-robin (timing.interleaved_medians: every round each one
+follows the same neighbour), then fwd+bwd again with each one alone, as a process running only that one would.
 
     python bench/bench_moe.py [--tokens 2048] [--repeats 5]
 """
@@ -18,6 +19,7 @@ import argparse
 import copy
 import functools
 import resource
+import statistics
 import sys
 from pathlib import Path
 
@@ -64,12 +66,23 @@ def moe_flops(tokens: int) -> float:
     return routed + shared + tokens * 2 * HIDDEN * EXPERTS
 
 
-def minor_faults_per_call(fn, calls: int = 3) -> float:
-    """Minor page faults per call: fresh memory the OS must map and zero (glibc returns big blocks each time)."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(calls):
-        fn()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+class FaultCounter:
+    """Wraps a callable and records the minor page faults of each call: fresh memory the OS must map and zero.
+
+    Counted on the very calls that are timed, so the faults column describes the same heap states as the times
+    (under glibc's default settings, whether a big block is reused or mapped afresh depends on what ran before).
+    """
+
+    def __init__(self, fn) -> None:
+        self.fn, self.counts = fn, []
+
+    def __call__(self) -> None:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        self.fn()
+        self.counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+    def median_of_last(self, calls: int) -> float:
+        return statistics.median(self.counts[-calls:])
 
 
 def saved_activation_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
@@ -93,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; MoE hidden {HIDDEN}, {EXPERTS} experts, "
           f"top-{TOP_K}, width {WIDTH}, {args.tokens} tokens")
-    rows = []
+    rows, alone_rows = [], []
     for dtype in (torch.float32, torch.bfloat16):
         hf, ours = build(dtype)
         x = torch.randn(1, args.tokens, HIDDEN, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -116,8 +129,12 @@ def main() -> None:
             (module(xg) * upstream).sum().backward()
 
         forward = interleaved_medians({n: functools.partial(fwd, m) for n, m in modules.items()}, args.repeats)
-        train = interleaved_medians({n: functools.partial(fwd_bwd, m) for n, m in modules.items()}, args.repeats)
-        faults = {name: minor_faults_per_call(functools.partial(fwd_bwd, m)) for name, m in modules.items()}
+        counters = {n: FaultCounter(functools.partial(fwd_bwd, m)) for n, m in modules.items()}
+        train = interleaved_medians(counters, args.repeats)
+        faults = {name: counter.median_of_last(args.repeats) for name, counter in counters.items()}
+        alone_counters = {n: FaultCounter(functools.partial(fwd_bwd, m)) for n, m in modules.items()}
+        alone = {name: median_seconds(counter, args.repeats) for name, counter in alone_counters.items()}
+        alone_faults = {name: counter.median_of_last(args.repeats) for name, counter in alone_counters.items()}
         saved = {name: saved_activation_bytes(m, x) for name, m in modules.items()}
         flops = moe_flops(args.tokens)
         a = torch.randn(args.tokens, HIDDEN, dtype=dtype)
@@ -133,6 +150,10 @@ def main() -> None:
                 f"{train['transformers grouped_mm'] / train[name]:.2f}x",
                 f"{flops / forward[name] / 1e9:.0f}", f"{faults[name] / 1e3:.1f}k", f"{saved[name] / 2**20:.1f}",
             ])
+            alone_rows.append([
+                label, name, f"{alone[name] * 1e3:.1f}", f"{alone['transformers eager'] / alone[name]:.2f}x",
+                f"{alone['transformers grouped_mm'] / alone[name]:.2f}x", f"{alone_faults[name] / 1e3:.1f}k",
+            ])
         gflops = f"{flops / matmul / 1e9:.0f}"
         rows.append([label, "torch.matmul, same FLOPs", f"{matmul * 1e3:.1f}", "-", "-", "-", gflops, "-", "-"])
         gflops = f"{flops / onednn / 1e9:.0f}"
@@ -143,6 +164,12 @@ def main() -> None:
         ["dtype", "implementation", "fwd ms", "fwd+bwd ms", "vs eager", "vs grouped_mm", "fwd GFLOP/s",
          "page faults / fwd+bwd", "saved for bwd MB"],
         rows,
+    )
+    print_table(
+        "fwd+bwd with each implementation timed alone (its own warm-ups, then consecutive calls: the heap a process "
+        "running only that implementation sees)",
+        ["dtype", "implementation", "fwd+bwd ms", "vs eager", "vs grouped_mm", "page faults / fwd+bwd"],
+        alone_rows,
     )
 
 
