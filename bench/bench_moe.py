@@ -11,6 +11,7 @@ and backward. The implementations are timed round-robin (timing.interleaved_medi
 follows the same neighbour), then fwd+bwd again with each one alone, as a process running only that one would.
 
     python bench/bench_moe.py [--tokens 2048] [--repeats 5]
+    python bench/bench_moe.py --only eager --dtype bfloat16   # one implementation, one dtype per process
 """
 
 from __future__ import annotations
@@ -103,14 +104,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", choices=["eager", "grouped_mm", "shared_moe"],
+                        help="time fwd+bwd of this one implementation in a process that runs no other (what a "
+                             "user's process and its allocator see); prints ms and page faults, no ratios")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="run only this dtype (default: both)")
     args = parser.parse_args()
+    dtypes = [getattr(torch, args.dtype)] if args.dtype else [torch.float32, torch.bfloat16]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; MoE hidden {HIDDEN}, {EXPERTS} experts, "
           f"top-{TOP_K}, width {WIDTH}, {args.tokens} tokens")
     rows, alone_rows = [], []
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes:
         hf, ours = build(dtype)
         x = torch.randn(1, args.tokens, HIDDEN, generator=torch.Generator().manual_seed(1)).to(dtype)
         upstream = torch.randn_like(x)
+
+        def fwd_bwd(module: torch.nn.Module) -> None:
+            module.zero_grad(set_to_none=True)
+            xg = x.detach().requires_grad_()
+            (module(xg) * upstream).sum().backward()
+
+        label = str(dtype).removeprefix("torch.")
+        if args.only:
+            counter = FaultCounter(functools.partial(fwd_bwd, {**hf, "shared_moe": ours}[args.only]))
+            step = median_seconds(counter, args.repeats)
+            print(f"{label} {args.only} alone: fwd+bwd {step * 1e3:.1f} ms, "
+                  f"{counter.median_of_last(args.repeats) / 1e3:.1f}k page faults / fwd+bwd")
+            continue
         with torch.no_grad():
             error = (ours(x).float() - hf["eager"](x).float()).abs().max().item()
         ours_grouped_mm = copy.deepcopy(ours)
@@ -119,14 +138,10 @@ def main() -> None:
             "transformers eager": hf["eager"], "transformers grouped_mm": hf["grouped_mm"],
             "shared_moe, experts on torch._grouped_mm": ours_grouped_mm, "shared_moe": ours,
         }
+
         def fwd(module: torch.nn.Module) -> None:
             with torch.no_grad():
                 module(x)
-
-        def fwd_bwd(module: torch.nn.Module) -> None:
-            module.zero_grad(set_to_none=True)
-            xg = x.detach().requires_grad_()
-            (module(xg) * upstream).sum().backward()
 
         forward = interleaved_medians({n: functools.partial(fwd, m) for n, m in modules.items()}, args.repeats)
         counters = {n: FaultCounter(functools.partial(fwd_bwd, m)) for n, m in modules.items()}
@@ -142,7 +157,6 @@ def main() -> None:
         matmul = median_seconds(lambda: torch.matmul(a, b), args.repeats)
         b_t = b.t().contiguous()
         onednn = median_seconds(lambda: torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], ""), args.repeats)
-        label = str(dtype).removeprefix("torch.")
         for name in modules:
             rows.append([
                 label, name, f"{forward[name] * 1e3:.1f}", f"{train[name] * 1e3:.1f}",
@@ -159,6 +173,8 @@ def main() -> None:
         gflops = f"{flops / onednn / 1e9:.0f}"
         rows.append([label, "oneDNN matmul, same FLOPs", f"{onednn * 1e3:.1f}", "-", "-", "-", gflops, "-", "-"])
         print(f"{label}: max |shared_moe - transformers| forward = {error:.2e}")
+    if args.only:
+        return
     print_table(
         "MoE layer (median ms; speed-ups are fwd+bwd vs each transformers implementation)",
         ["dtype", "implementation", "fwd ms", "fwd+bwd ms", "vs eager", "vs grouped_mm", "fwd GFLOP/s",
