@@ -20,13 +20,13 @@ class AttemptLog:
             with self.path.open("r+b") as f:
                 f.truncate(good_end)
         records: dict[tuple[str, int], dict] = {}
-        for lineno, line in enumerate(raw[:good_end].decode("utf-8").splitlines(), 1):
+        for lineno, line in enumerate(raw[:good_end].split(b"\n"), 1):  # not splitlines: U+2028 is text
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = json.loads(line.decode("utf-8"))
                 key = (rec["problem"], int(rec["sample"]))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            except (KeyError, TypeError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError too
                 raise ValueError(f"{self.path}:{lineno}: corrupt attempt record ({e}); fix or move the file") from e
             if key in records:
                 raise ValueError(f"{self.path}:{lineno}: duplicate attempt {key}")

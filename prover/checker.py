@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from .dataset import Problem
+from .leantext import split_header
 from .pinning import Candidate, PinError, pin
 from .textguard import GuardPolicy, scan
 from .verdict import ALLOWED_AXIOMS, Status, Verdict
@@ -59,8 +60,13 @@ class Checker:
         return Checked(pinned.code, self.check_scanned(pinned.authored, pinned.code, problem.name, start))
 
     def check_unpinned(self, code: str, theorem: str) -> Verdict:
-        """A file with no reference statement: the whole text is model-written, so all of it is scanned."""
-        return self.check_scanned(code, code, theorem, time.monotonic())
+        """A file with no reference statement: everything after its import lines is scanned as model-written.
+
+        The imports choose the environment (Lean allows nothing else there); scanning them would refuse
+        `import Mathlib.Tactic` for naming the meta API.
+        """
+        _, body, _ = split_header(code)
+        return self.check_scanned(body, code, theorem, time.monotonic())
 
     def check_scanned(self, authored: str, code: str, theorem: str, start: float) -> Verdict:
         """Text layer over `authored`, then Lean and the audit of `theorem` in `code`."""

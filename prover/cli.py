@@ -13,6 +13,13 @@ from .prompts import STYLES
 from .textguard import GuardPolicy
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_backend_args(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("Lean backend")
     g.add_argument("--backend", choices=["repl", "kimina", "leandojo"])
@@ -63,13 +70,15 @@ def _generator(args):
 
 
 def cmd_prove(args) -> int:
-    from .batch import Decomposition, RunSpec, run_batch
+    from .batch import Decomposition, RunSpec, run_batch, verification_settings
     from .decompose import DecomposeConfig
     from .generators import PortfolioGenerator
 
     problems = load_minif2f(args.variant, args.split)
     if args.limit:
         problems = problems[: args.limit]
+    if not problems:
+        raise ValueError(f"variant {args.variant} has no problems in split {args.split}")
     checker, backend_cfg = _checker(args)
     generator = _generator(args)
     decomposition = None
@@ -78,7 +87,8 @@ def cmd_prove(args) -> int:
                                  max_depth=0)
         decomposition = Decomposition(PortfolioGenerator(), config)
     spec = RunSpec(args.variant, args.split, statement_set_digest(problems), generator.name, args.samples,
-                   tuple(p.name for p in problems), backend_cfg.to_json(), args.timeout,
+                   tuple(p.name for p in problems), backend_cfg.to_json(),
+                   verification_settings(backend_cfg.kind, checker.config),
                    decomposition.to_json() if decomposition else None)
     try:
         summary = run_batch(problems, generator, checker, spec, args.out, args.workers, decomposition)
@@ -157,7 +167,11 @@ def cmd_summary(args) -> int:
     from .batch import finish
     from .report import markdown_table
 
-    manifest = json.loads((args.run / "manifest.json").read_text())
+    path = args.run / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from e
     problems = {p.name: p for p in load_minif2f(manifest["variant"], manifest["split"])}
     chosen = [problems[n] for n in manifest["problems"]]
     summary = finish(args.run, chosen, AttemptLog(args.run / "attempts.jsonl").load(), manifest["samples"])
@@ -173,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=["minif2f"], default="minif2f")
     p.add_argument("--variant", choices=sorted(VARIANT_FILES), default="deepseek_v15")
     p.add_argument("--split", choices=["valid", "test"], default="test")
-    p.add_argument("--limit", type=int, help="only the first N problems of the split")
+    p.add_argument("--limit", type=_positive_int, help="only the first N problems of the split")
     p.add_argument("--generator", choices=["portfolio", "openai", "local"], default="portfolio")
     p.add_argument("--style", choices=STYLES, default="v15")
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
@@ -182,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--dtype")
     p.add_argument("--max-tokens", type=int, default=2048)
-    p.add_argument("--samples", type=int, default=1)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--samples", type=_positive_int, default=1)
+    p.add_argument("--workers", type=_positive_int, default=2)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--decompose", action="store_true",
                    help="V2 mode: a sample that is a `have ... := by sorry` sketch gets its subgoals solved by the "
@@ -230,6 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     except BackendNotConfigured as e:
         print(e, file=sys.stderr)
         return 2
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # bad input, missing or unreadable files: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,14 +8,14 @@ the lemma binders could no longer be read off the text.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .checker import Checker
 from .dataset import Problem
 from .generators import Generator
 from .leantext import Signature, Step, binder_names, find_top_level, indent, parse_signature, top_level_steps
-from .pinning import Candidate, decl_pattern, proof_start
-from .textguard import blank_comments_and_strings
+from .pinning import Candidate, PinError, decl_pattern, pin, proof_start
+from .textguard import GuardPolicy, blank_comments_and_strings, scan
 from .verdict import Status, Verdict
 
 _HOLE = re.compile(r"(?:by\s+)?sorry")
@@ -64,6 +64,14 @@ class Sketch:
     holes: list[int]  # step indices that are `sorry` holes (haves or the closing sorry)
 
 
+def _signature(head: str) -> Signature:
+    """parse_signature, with syntax it does not read (e.g. a destructuring `have ⟨x, hx⟩`) as a sketch error."""
+    try:
+        return parse_signature(head)
+    except ValueError as e:
+        raise DecompositionError(f"cannot read `{head.strip()[:60]}`: {e}") from e
+
+
 def parse_have(text: str) -> Have | None:
     if not re.match(r"have(?![\w'])", text):
         return None
@@ -73,7 +81,7 @@ def parse_have(text: str) -> Have | None:
     head = blank_comments_and_strings(text[4:assign]).strip()  # comments must not leak into lemma types
     if head.startswith(":"):
         head = "this " + head
-    sig = parse_signature(head)
+    sig = _signature(head)
     return Have(sig.name or "this", sig.binders, sig.type, text[assign + 2:].strip())
 
 
@@ -85,7 +93,7 @@ def parse_sketch(code: str, theorem: str, strict: bool = True) -> Sketch:
         raise DecompositionError(f"`theorem {theorem}` not found in the sketch")
     start = proof_start(blanked, decl.start())
     assign = find_top_level(blanked, ":=", decl.start())
-    signature = parse_signature(theorem + blanked[decl.end():assign])
+    signature = _signature(theorem + blanked[decl.end():assign])
     block = code[start:].rstrip()
     if block.startswith("\n"):
         block = block[1:]
@@ -229,10 +237,26 @@ class DecomposeConfig:
     max_depth: int = 1  # how many times a failed lemma may be sketched and decomposed again
 
 
+def scan_sketch(problem: Problem, sketch_code: str, guard: GuardPolicy) -> None:
+    """Refuse a sketch whose model-written text the text layer bans, its `sorry` holes aside.
+
+    The lemma checks send the sketch's `have` types to Lean long before the stitched file is scanned, so
+    the sketch must pass the same layer first.
+    """
+    try:
+        authored = pin(problem, Candidate(sketch_code, "file")).authored
+    except PinError as e:
+        raise DecompositionError(f"sketch: {e}") from e
+    findings = scan(authored, replace(guard, allowed=guard.allowed | {"sorry"}))
+    if findings:
+        raise DecompositionError(f"sketch refused by the text layer: {findings[0]}")
+
+
 def prove_by_decomposition(problem: Problem, sketch_code: str, checker: Checker, solver: Generator,
                            config: DecomposeConfig, ledger: Ledger, sketcher: Generator | None = None,
                            depth: int = 0) -> str | None:
     """A verified proof file for `problem` built from the sketch, or None; every step is in `ledger`."""
+    scan_sketch(problem, sketch_code, checker.config.guard)
     sketch = parse_sketch(sketch_code, problem.name)
     goals = subgoals(sketch, config.recursive)
     proofs: dict[str, str] = {}

@@ -131,9 +131,14 @@ class OpenAIGenerator:
         reply = self._post(path, body)
         try:
             choice = reply["choices"][0]
-            return choice["message"]["content"] if prompt.messages is not None else choice["text"]
+            text = choice["message"]["content"] if prompt.messages is not None else choice["text"]
         except (KeyError, IndexError, TypeError) as e:
             raise GenerationError(f"unexpected reply shape from {c.base_url}{path}: {str(reply)[:200]}") from e
+        if text is None:  # e.g. vLLM's reasoning parser when the output was cut before any answer
+            return ""
+        if not isinstance(text, str):
+            raise GenerationError(f"reply text from {c.base_url}{path} is not a string: {str(text)[:200]}")
+        return text
 
     def _post(self, path: str, body: dict) -> dict:
         c = self.config

@@ -27,6 +27,10 @@ class KiminaConfig:
     http_margin_s: float = 30.0  # added to the Lean timeout for the HTTP round trip
 
 
+class KiminaUnreachable(OSError):
+    """No answer after every retry (refused connections, 429 or 5xx): the server, not the proof, is at fault."""
+
+
 class KiminaBackend:
     def __init__(self, config: KiminaConfig):
         self.config = config
@@ -42,8 +46,10 @@ class KiminaBackend:
             verdict = self._verdict(reply, theorem, audit_line)
         except (ProtocolError, KeyError, IndexError, TypeError, ValueError) as e:
             verdict = Verdict(Status.SYSTEM_ERROR, f"malformed Kimina reply: {e}")
-        except OSError as e:
-            verdict = Verdict(Status.SYSTEM_ERROR, f"Kimina server {self.config.url} unreachable: {e}")
+        except KiminaUnreachable as e:
+            verdict = Verdict(Status.UNAVAILABLE, f"Kimina server {self.config.url} unreachable: {e}")
+        except OSError as e:  # it answered, but refused this request
+            verdict = Verdict(Status.SYSTEM_ERROR, f"Kimina server {self.config.url} refused the request: {e}")
         return verdict.with_time(time.monotonic() - start)
 
     def _post(self, path: str, payload: dict, timeout: float) -> dict:
@@ -57,11 +63,14 @@ class KiminaBackend:
                 with urllib.request.urlopen(req, timeout=timeout) as resp:
                     return json.loads(resp.read())
             except urllib.error.HTTPError as e:
-                if e.code != 429 and e.code < 500 or attempt == self.config.retries:
+                busy = e.code == 429 or e.code >= 500
+                if not busy:
                     raise OSError(f"HTTP {e.code}: {e.read()[:200]!r}") from e
-            except urllib.error.URLError:
                 if attempt == self.config.retries:
-                    raise
+                    raise KiminaUnreachable(f"HTTP {e.code} after {attempt + 1} tries: {e.read()[:200]!r}") from e
+            except urllib.error.URLError as e:
+                if attempt == self.config.retries:
+                    raise KiminaUnreachable(f"{e.reason} after {attempt + 1} tries") from e
             time.sleep(self.config.backoff_s * 2 ** attempt)
         raise AssertionError("unreachable")
 

@@ -106,3 +106,14 @@ def top_level_steps(block: str) -> list[Step]:
 def indent(text: str, spaces: int) -> str:
     pad = " " * spaces
     return "\n".join(pad + line if line.strip() else line for line in text.split("\n"))
+
+
+def split_header(code: str) -> tuple[str, str, int]:
+    """(imports, body, number of header lines): leading lines that are blank or `import ...`."""
+    lines = code.split("\n")
+    n = 0
+    while n < len(lines) and (not lines[n].strip() or lines[n].startswith("import ")):
+        n += 1
+    if n == len(lines):  # nothing but imports: keep the last line as an (empty) body
+        n = max(n - 1, 0)
+    return "\n".join(lines[:n]), "\n".join(lines[n:]), n

@@ -6,6 +6,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
+from .leantext import split_header
 from .repl_process import ProcessConfig, ReplDied, ReplProcess, ReplTimeout
 from .repl_protocol import CommandResponse, ErrorResponse, ProtocolError
 from .verdict import Status, Verdict, audit_command, classify, parse_axioms
@@ -18,17 +19,6 @@ class PoolConfig:
     max_uses: int | None = None  # recycle a process after this many proofs (Lean REPLs grow and leak)
     header_timeout: float = 600.0  # importing Mathlib takes tens of seconds on a cold cache
     audit_timeout: float = 60.0
-
-
-def split_header(code: str) -> tuple[str, str, int]:
-    """(imports, body, number of header lines): leading lines that are blank or `import ...`."""
-    lines = code.split("\n")
-    n = 0
-    while n < len(lines) and (not lines[n].strip() or lines[n].startswith("import ")):
-        n += 1
-    if n == len(lines):  # nothing but imports: keep the last line as an (empty) body
-        n = max(n - 1, 0)
-    return "\n".join(lines[:n]), "\n".join(lines[n:]), n
 
 
 class _Slot:
@@ -85,20 +75,19 @@ class ReplPool:
         try:
             proc = ReplProcess(self.config.process)
         except ReplDied as e:
-            return Verdict(Status.SYSTEM_ERROR, str(e))
+            return Verdict(Status.UNAVAILABLE, f"REPL did not start: {e}")
         self.restarts += 1
         try:
             resp = proc.request({"cmd": header}, self.config.header_timeout)
-        except ReplTimeout as e:
-            return Verdict(Status.TIMEOUT, f"header: {e}", stderr=proc.stderr_tail)
-        except (ReplDied, ProtocolError) as e:
+        except (ReplTimeout, ReplDied, ProtocolError) as e:
+            stderr = proc.stderr_tail
             proc.kill()
-            return Verdict(Status.SYSTEM_ERROR, f"header: {e}", stderr=proc.stderr_tail)
+            return Verdict(Status.UNAVAILABLE, f"import header failed: {e}", stderr=stderr)
         head = classify(resp)
-        if head.status not in (Status.COMPLETE,) or resp.env is None:
+        if head.status is not Status.COMPLETE or resp.env is None:
             proc.kill()
-            status = head.status if head.status is not Status.COMPLETE else Status.REPL_ERROR
-            return Verdict(status, f"import header failed: {head.reason or 'no env id'}", head.messages)
+            reason = f"{head.status.value}: {head.reason}" if head.status is not Status.COMPLETE else "no env id"
+            return Verdict(Status.UNAVAILABLE, f"import header failed ({reason})", head.messages)
         slot.proc, slot.header, slot.header_env = proc, header, resp.env
         return None
 

@@ -18,7 +18,8 @@ class Status(str, Enum):
     LEAN_ERROR = "lean_error"
     TIMEOUT = "timeout"
     REPL_ERROR = "repl_error"  # the REPL answered {"message": ...}
-    SYSTEM_ERROR = "system_error"  # process died, spawn failed, unreadable output, server unreachable
+    SYSTEM_ERROR = "system_error"  # the process died or printed unreadable output while checking this proof
+    UNAVAILABLE = "unavailable"  # the verifier could not be used at all: no REPL, failed import header, no server
     REJECTED = "rejected"  # a defence (text layer, statement pin, axiom audit) refused it
 
 

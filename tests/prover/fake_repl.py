@@ -124,6 +124,8 @@ class Sim:
                 messages.append(self.msg("error", code, code.index("import"), 6,
                                          "invalid 'import' command, it must be used in the beginning of the file"))
             time.sleep(self.args.header_delay)
+            if self.args.header_error:
+                messages.append(self.msg("error", code, code.index("import"), 6, self.args.header_error))
         elif decl := DECL_RE.search(code):  # elaborating a proof costs time; a bare `#print axioms` does not
             time.sleep(self.args.body_delay)
             if problem := self.env_problem(env):
@@ -266,6 +268,7 @@ def main() -> int:
     ap.add_argument("--replay", type=Path)
     ap.add_argument("--header-delay", type=float, default=0.0)
     ap.add_argument("--body-delay", type=float, default=0.0)
+    ap.add_argument("--header-error", help="answer every import header with this error (Mathlib not built)")
     ap.add_argument("--reject-fraction", type=float, default=0.0,
                     help="fail this share of proofs, chosen by a hash of the text")
     ap.add_argument("--sorry-spelling", choices=["quote", "backtick"], default="quote")

@@ -60,7 +60,16 @@ def test_kimina_timeout_and_unreachable(kimina_server):
     assert v.status is Status.TIMEOUT
     dead = KiminaBackend(KiminaConfig("http://127.0.0.1:9", retries=1, backoff_s=0.01))
     v = dead.verify("theorem x : True := trivial", 5)
-    assert v.status is Status.SYSTEM_ERROR and "unreachable" in v.reason
+    assert v.status is Status.UNAVAILABLE and "unreachable" in v.reason
+
+
+def test_openai_null_content_is_an_empty_answer(openai_server):
+    """vLLM sends `"content": null` when its reasoning parser cut the output before any answer: an attempt
+    with no proof (rejected at the pin), not a crash of the batch."""
+    url, state = openai_server
+    state["chat_content"] = None
+    cand = OpenAIGenerator(OpenAIConfig(base_url=url, style="v2_cot")).generate(PROBLEM, 0)
+    assert cand.kind == "file" and cand.text == ""
 
 
 class _Err(Exception):
@@ -143,7 +152,8 @@ def test_sample_seed_is_stable():
 
 @pytest.fixture
 def openai_server():
-    state = {"fail_first": 0, "active": 0, "max_active": 0, "requests": 0, "status": 503, "bodies": []}
+    state = {"fail_first": 0, "active": 0, "max_active": 0, "requests": 0, "status": 503, "bodies": [],
+             "chat_content": "plan\n```lean4\n" + DEFAULT_HEADER + STATEMENT + "  linarith\n```"}
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
@@ -167,8 +177,7 @@ def openai_server():
                 self.end_headers()
                 return
             if self.path.endswith("/chat/completions"):
-                reply = {"choices": [{"message": {"content": "plan\n```lean4\n" + DEFAULT_HEADER + STATEMENT
-                                                  + "  linarith\n```"}}]}
+                reply = {"choices": [{"message": {"content": state["chat_content"]}}]}
             else:
                 reply = {"choices": [{"text": "  linarith\n```\nignored"}]}
             data = json.dumps(reply).encode()

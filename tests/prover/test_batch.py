@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -115,3 +116,113 @@ def test_resume_with_a_different_run_is_refused(tmp_path, fake_cmd):
     cmd[cmd.index("--split") + 1] = "valid"
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=120)
     assert again.returncode == 2 and b"different run" in again.stderr
+
+
+def _small_prove_args(fake_cmd, out: Path, *repl_flags: str, repl_cmd: str | None = None) -> list[str]:
+    repl = repl_cmd or shlex.join(fake_cmd(*repl_flags))
+    return ["prove", "--split", "test", "--limit", "2", "--generator", "portfolio", "--samples", "2",
+            "--workers", "2", "--backend", "repl", "--repl-cmd", repl, "--timeout", "20", "--out", str(out)]
+
+
+def test_unavailable_verifier_stops_the_run_and_a_fixed_rerun_does_every_unit(tmp_path, fake_cmd, capsys):
+    """A wrong REPL command or an import header that fails (Mathlib not built) is not a verdict on any proof:
+    nothing is logged, the run stops with the reason, and the rerun with a working REPL attempts every unit."""
+    from prover.cli import main
+
+    out = tmp_path / "run"
+    assert main(_small_prove_args(fake_cmd, out, repl_cmd=str(tmp_path / "no-such-repl"))) == 2
+    assert "unavailable 3 times in a row" in capsys.readouterr().err
+    assert AttemptLog(out / "attempts.jsonl").load() == {}
+    assert main(_small_prove_args(fake_cmd, out, "--header-error", "unknown package 'Mathlib'")) == 2
+    err = capsys.readouterr().err
+    assert "import header failed" in err and "unknown package 'Mathlib'" in err
+    assert AttemptLog(out / "attempts.jsonl").load() == {}
+    assert main(_small_prove_args(fake_cmd, out)) == 0
+    records = AttemptLog(out / "attempts.jsonl").load()
+    assert len(records) == 4 and {r["status"] for r in records.values()} <= {"complete", "lean_error", "sorry",
+                                                                              "rejected"}
+
+
+@pytest.mark.parametrize("change", [["--timeout", "5"], ["--allow-axiom", "sorryAx"], ["--allow", "native_decide"]])
+def test_resume_with_other_verification_settings_is_refused(tmp_path, fake_cmd, capsys, change):
+    from prover.cli import main
+
+    out = tmp_path / "run"
+    assert main(_small_prove_args(fake_cmd, out)) == 0
+    assert main(_small_prove_args(fake_cmd, out) + change) == 2
+    assert "verification" in capsys.readouterr().err
+    assert main(_small_prove_args(fake_cmd, out) + ["--workers", "1"]) == 0  # where it runs may change
+
+
+def test_a_second_run_on_the_same_directory_is_refused(tmp_path, fake_cmd, capsys):
+    from prover.batch import _exclusive
+    from prover.cli import main
+
+    out = tmp_path / "run"
+    with _exclusive(out):
+        assert main(_small_prove_args(fake_cmd, out)) == 2
+    assert "another run is writing" in capsys.readouterr().err
+    assert main(_small_prove_args(fake_cmd, out)) == 0
+
+
+def test_line_separators_inside_records_survive_a_reload(tmp_path):
+    """Model text may hold U+2028, U+2029 or U+0085, which str.splitlines treats as line ends."""
+    log = AttemptLog(tmp_path / "a.jsonl")
+    code = "theorem t : True := by\n  trivial -- \u2028 \u2029 \x85 \x1c end"
+    log.append({"problem": "p", "sample": 0, "code": code})
+    log.append({"problem": "p", "sample": 1, "code": "x"})
+    records = log.load()
+    assert records[("p", 0)]["code"] == code and ("p", 1) in records
+
+
+def test_cli_input_errors_are_one_line(tmp_path, fake_cmd, capsys):
+    from prover.cli import main
+
+    assert main(["verify", str(tmp_path / "missing.lean"), "--theorem", "t", "--backend", "repl",
+                 "--repl-cmd", " ".join(fake_cmd())]) == 2
+    assert "missing.lean" in capsys.readouterr().err
+    assert main(["summary", str(tmp_path / "no-run")]) == 2
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.json").write_text("{oops")
+    assert main(["summary", str(tmp_path / "bad")]) == 2
+    assert "manifest.json is not valid JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(_small_prove_args(fake_cmd, tmp_path / "zero") + ["--samples", "0"])
+
+
+def test_ctrl_c_saves_the_attempts_already_running(tmp_path):
+    """Queued units are dropped; the one running when Ctrl-C lands is logged when it ends, not lost."""
+    import threading
+
+    from prover.batch import RunSpec, run_batch
+    from prover.checker import CheckConfig, Checker
+    from prover.dataset import DEFAULT_HEADER, Problem
+    from prover.pinning import Candidate
+    from prover.verdict import Status, Verdict
+
+    problem = Problem("t", "test", DEFAULT_HEADER, "", "theorem t : True := by\n")
+    started = threading.Event()
+
+    class Generator:
+        name = "scripted"
+
+        def generate(self, problem, sample):
+            if sample == 0:
+                started.set()
+                time.sleep(0.5)
+                return Candidate("  trivial\n", "completion")
+            started.wait(5)
+            raise KeyboardInterrupt
+
+    class Backend:
+        def verify(self, code, timeout, theorem=None):
+            return Verdict(Status.COMPLETE, axioms=[])
+
+        def close(self):
+            pass
+
+    spec = RunSpec("v", "test", "d", "scripted", 4, ("t",), {}, {})
+    with pytest.raises(KeyboardInterrupt):
+        run_batch([problem], Generator(), Checker(Backend(), CheckConfig()), spec, tmp_path, workers=2)
+    records = AttemptLog(tmp_path / "attempts.jsonl").load()
+    assert list(records) == [("t", 0)] and records[("t", 0)]["status"] == "complete"

@@ -43,6 +43,15 @@ def test_clean_raw_file_is_complete(verify):
     assert verdict["axioms"] == ["propext", "Classical.choice", "Quot.sound"]
 
 
+def test_raw_file_may_import_mathlib_tactic_but_its_body_is_scanned(verify):
+    """Import lines choose the environment and are not model text; `Tactic` there is no meta-API use."""
+    header = "import Mathlib.Tactic\nimport Mathlib.Tactic.Linarith\n\n"
+    code, verdict = verify(header + STATEMENT + "  linarith\n", "--theorem", "t")
+    assert code == 0 and verdict["status"] == "complete"
+    code, verdict = verify(header + STATEMENT + "  sorry\n", "--theorem", "t")
+    assert code == 1 and verdict["status"] == "rejected" and verdict["reason"].startswith("text:")
+
+
 def test_verify_needs_the_theorem_to_audit(verify):
     code, err = verify(DEFAULT_HEADER + STATEMENT + "  linarith\n")
     assert code == 2 and "--theorem" in err and "--problem" in err

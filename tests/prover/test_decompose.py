@@ -10,6 +10,7 @@ from prover.dataset import DEFAULT_HEADER, Problem
 from prover.decompose import (DecomposeConfig, DecompositionError, Ledger, blank_haves, parse_sketch,
                               prove_by_decomposition, stitch_aux, stitch_inline, subgoals)
 from prover.pinning import Candidate
+from prover.verdict import Status, Verdict
 
 STATEMENT = "theorem induction_ineq_nsqlefactn (n : ℕ) (h₀ : 4 ≤ n) : n ^ 2 ≤ n ! := by\n"
 SKETCH = DEFAULT_HEADER + STATEMENT + """\
@@ -176,6 +177,55 @@ def test_lemma_that_does_not_elaborate_is_not_attempted(checker):
     assert solver.calls == 0
 
 
+class RecordingBackend:
+    """Answers every file with a sorry verdict and keeps what it was sent."""
+
+    def __init__(self):
+        self.sent: list[str] = []
+
+    def verify(self, code, timeout, theorem=None):
+        self.sent.append(code)
+        return Verdict(Status.LEAN_ERROR, "recorded")
+
+    def close(self):
+        pass
+
+
+def test_a_sketch_the_text_layer_bans_never_reaches_lean():
+    """The lemma checks send the sketch's `have` types to Lean, so the sketch is scanned first."""
+    evil = SKETCH.replace("have base_case : 4 ^ 2 ≤ 4 !",
+                          "have base_case : (by_elab do Lean.modifyEnv id; return default : 4 ^ 2 ≤ 4 !)")
+    backend = RecordingBackend()
+    with pytest.raises(DecompositionError, match="text layer"):
+        prove_by_decomposition(PROBLEM, evil, Checker(backend), ScriptedSolver({}), DecomposeConfig(), Ledger())
+    assert backend.sent == []
+
+
+def test_batch_checks_unreadable_or_banned_sketches_as_plain_candidates(tmp_path):
+    """A destructuring `have` (not readable as a lemma) or a banned sketch is one ordinary, rejected attempt:
+    the batch goes on instead of stopping at that sample on every resume."""
+    from prover.batch import Decomposition, RunSpec, run_batch
+
+    destructuring = SKETCH.replace("have base_case : 4 ^ 2 ≤ 4 ! := by\n    sorry",
+                                   "have ⟨x, hx⟩ : ∃ x : ℕ, x = 1 := by sorry")
+    banned = SKETCH.replace("have base_case : 4 ^ 2 ≤ 4 !", "have base_case : (by_elab return default : 4 ^ 2 ≤ 4 !)")
+    outputs = [Candidate(destructuring, "file"), Candidate(banned, "file")]
+
+    class Sketcher:
+        name = "sketcher"
+
+        def generate(self, problem, sample):
+            return outputs[sample]
+
+    backend = RecordingBackend()
+    decomposition = Decomposition(ScriptedSolver({}), DecomposeConfig())
+    spec = RunSpec("test", "test", "digest", "sketcher", 2, (PROBLEM.name,), {}, {}, decomposition.to_json())
+    run_batch([PROBLEM], Sketcher(), Checker(backend), spec, tmp_path, workers=1, decomposition=decomposition)
+    records = {r["sample"]: r for r in map(json.loads, (tmp_path / "attempts.jsonl").read_text().splitlines())}
+    assert [records[s]["status"] for s in (0, 1)] == ["rejected", "rejected"]
+    assert all(r["reason"].startswith("text:") for r in records.values()) and backend.sent == []
+
+
 def test_comments_do_not_leak_into_lemma_statements():
     commented = SKETCH.replace("have base_case : 4 ^ 2 ≤ 4 !", "have base_case : 4 ^ 2 -- the square\n      ≤ 4 !")
     goal = subgoals(parse_sketch(commented, PROBLEM.name))[0]
@@ -199,7 +249,8 @@ def test_batch_decomposition_counts_each_sketch_as_one_sample(checker, tmp_path)
     solver = ScriptedSolver({f"{PROBLEM.name}_{s}": "omega" for s in
                              ("base_case", "inductive_step", "final_proof", "final")})
     decomposition = Decomposition(solver, DecomposeConfig(attempts_per_lemma=2))
-    spec = RunSpec("test", "test", "digest", "sketcher", 3, (PROBLEM.name,), {}, 10.0, decomposition.to_json())
+    spec = RunSpec("test", "test", "digest", "sketcher", 3, (PROBLEM.name,), {}, {"timeout": 10.0},
+                   decomposition.to_json())
     summary = run_batch([PROBLEM], Sketcher(), checker, spec, tmp_path, workers=1, decomposition=decomposition)
 
     records = {r["sample"]: r for r in map(json.loads, (tmp_path / "attempts.jsonl").read_text().splitlines())}
@@ -214,5 +265,5 @@ def test_batch_decomposition_counts_each_sketch_as_one_sample(checker, tmp_path)
     assert summary["table"]["all"]["solved"] == 1 and summary["samples"] == 3
     with pytest.raises(ValueError, match="decompose"):
         other = RunSpec(*[getattr(spec, f) for f in ("variant", "split", "statement_digest", "generator",
-                                                      "samples", "problems", "backend", "timeout")], None)
+                                                      "samples", "problems", "backend", "verification")], None)
         run_batch([PROBLEM], Sketcher(), checker, other, tmp_path, workers=1)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from prover.dataset import DEFAULT_HEADER
-from prover.pool import split_header
+from prover.leantext import split_header
 from prover.repl_process import ProcessConfig, ReplDied, ReplProcess
 from prover.verdict import Status, classify
 
