@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 from . import MoEConfig, MoEForCausalLM, cpu_ext, from_pretrained
+from .pretrained import DTYPE_NAMES
 from .speculative import mtp_generate
-
-_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_random_tiny(folder: Path, seed: int = 0) -> Path:
@@ -46,7 +45,7 @@ def _generate(args: argparse.Namespace) -> int:
             folder = build_random_tiny(Path(scratch) / "tiny")
         else:
             folder = Path(args.model)
-        model = from_pretrained(folder, dtype=_DTYPES[args.dtype], device=args.device, load_mtp=args.use_mtp)
+        model = from_pretrained(folder, dtype=args.dtype, device=args.device, load_mtp=args.use_mtp)
         print(f"loaded {folder.name}: {model.config.model_type}, {sum(p.numel() for p in model.parameters()):,} "
               f"parameters, {'MLA' if model.config.use_mla else 'MHA'}, {len(model.mtp_layers)} MTP layer(s)")
         tokenizer = None if args.random_tiny else _tokenizer(folder)
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--dtype", choices=sorted(_DTYPES), default="auto")
+    gen.add_argument("--dtype", choices=DTYPE_NAMES, default="auto")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--use-mtp", action="store_true", help="greedy speculative decoding with the MTP module")
     args = parser.parse_args(argv)

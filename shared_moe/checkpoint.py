@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -24,6 +24,7 @@ FP8_BLOCK = 128
 _EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _VL2_NON_LANGUAGE = ("vision.", "projector.", "image_newline", "view_seperator")
+_SAFETENSORS_INDEX, _PICKLE_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
 
 
 class CheckpointMismatchError(ValueError):
@@ -39,27 +40,36 @@ def read_safetensors(path: str | Path, allow_pickle: bool = False) -> dict[str, 
         if file.suffix == ".bin":
             tensors.update(torch.load(file, map_location="cpu", weights_only=True))
             continue
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                tensors[key] = handle.get_tensor(key)
+        tensors.update(_read_safetensors_file(file))
     return tensors
 
 
+def _read_safetensors_file(file: Path) -> dict[str, torch.Tensor]:
+    """One file's tensors; safetensors' own errors do not say which shard of a checkpoint is broken."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except SafetensorError as error:
+        raise OSError(f"cannot read {file}: {error}. The file is truncated or corrupt; download it again") from error
+
+
+def _indexed_shards(index: Path) -> list[Path]:
+    """The shard files a sharded checkpoint's index names (none if there is no index)."""
+    if not index.exists():
+        return []
+    return [index.parent / shard for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+
+
 def _checkpoint_files(path: Path, allow_pickle: bool) -> list[Path]:
+    """Safetensors before pickle files, as transformers prefers them; a sharded save's index before globbing."""
     if path.is_file():
         if path.suffix == ".bin" and not allow_pickle:
             raise ValueError(f"{path} is a pickle checkpoint; pass allow_pickle=True only if you trust its source")
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = path / index_name
-        if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            files = [path / shard for shard in shards]
-            break
-    else:
-        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    files = (_indexed_shards(path / _SAFETENSORS_INDEX) or sorted(path.glob("*.safetensors"))
+             or _indexed_shards(path / _PICKLE_INDEX) or sorted(path.glob("pytorch_model*.bin")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors (or *.bin) weights in {path}")
     missing = [f.name for f in files if not f.exists()]
@@ -249,8 +259,22 @@ def save_pretrained(model: nn.Module, path: str | Path) -> Path:
             tensors[key] = value.clone()
         seen.add(tensors[key].data_ptr())
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    _remove_stale_index(path, keep="model.safetensors")
     config = model.config.to_hf_dict()
     config["dtype"] = str(model.dtype).removeprefix("torch.")
     config["num_nextn_predict_layers"] = len(model.mtp_layers)
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def _remove_stale_index(path: Path, keep: str) -> None:
+    """Delete an earlier sharded safetensors save's index and the shards it names: `read_safetensors` prefers
+    that index to the new `keep` file, so a reload would get the old weights. Only files directly inside
+    `path` go; pickle (.bin) files are left alone, as the new safetensors file takes precedence over them."""
+    index = path / _SAFETENSORS_INDEX
+    if not index.exists():
+        return
+    for shard in set(json.loads(index.read_text())["weight_map"].values()) - {keep}:
+        if Path(shard).name == shard and (path / shard).is_file():
+            (path / shard).unlink()
+    index.unlink()

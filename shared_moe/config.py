@@ -14,6 +14,13 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "deepseek", "deepseek_v2", "deepseek_v3")
+# The model_type of a config.json that lacks one, from the model class it names (as transformers' Auto classes map).
+ARCHITECTURE_MODEL_TYPES = {
+    "LlamaForCausalLM": "llama",
+    "DeepseekForCausalLM": "deepseek",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+}
 ROUTER_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
@@ -134,7 +141,7 @@ class MoEConfig:
         if "language_config" in cfg:
             cfg = dict(cfg["language_config"])
             cfg.setdefault("model_type", "deepseek_v2")
-        model_type = cfg.get("model_type", "llama")
+        model_type = cfg.get("model_type") or _model_type_from_architectures(cfg.get("architectures") or [])
         if model_type in ("mistral", "deepseek_llm"):
             model_type = "llama"
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -169,6 +176,17 @@ class MoEConfig:
         if values.get("n_routed_experts") is None:
             values["n_routed_experts"] = 0
         return cls(**values)
+
+
+def _model_type_from_architectures(architectures: list[str]) -> str:
+    """A config.json without model_type: the type of the first model class we know, else an error (not a guess)."""
+    for name in architectures:
+        if name in ARCHITECTURE_MODEL_TYPES:
+            return ARCHITECTURE_MODEL_TYPES[name]
+    raise ValueError(
+        f"config has no model_type and its architectures {architectures} name none of "
+        f"{sorted(ARCHITECTURE_MODEL_TYPES)}; set model_type to one of {SUPPORTED_MODEL_TYPES}"
+    )
 
 
 def _rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:

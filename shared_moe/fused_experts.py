@@ -11,8 +11,8 @@ the last bit of those separate-op gradients; the fused op runs each call on one 
 not depend on the thread count.)
 
 Used by `moe.Experts` when its grouped GEMM resolves to the oneDNN kernel and the AVX-512 row kernels run
-(eager CPU, fp32 or bf16). Once differentiable, like the oneDNN grouped GEMM: for double backward set
-`Experts.gemm_backend = "grouped_mm"`.
+(eager CPU, fp32 or bf16). Once differentiable, like the oneDNN grouped GEMM: for double backward set each
+layer's backend (an instance attribute): `for layer in model.moe_layers(): layer.experts.gemm_backend = "grouped_mm"`.
 """
 
 from __future__ import annotations

@@ -115,7 +115,8 @@ def onednn_available() -> bool:
 class OneDNNGroupedLinear(torch.autograd.Function):
     """Forward and backward as grouped oneDNN matmuls; the weight gradient comes out in the weight's own layout.
 
-    Once differentiable: for double backward through the experts, set `Experts.gemm_backend = "grouped_mm"`.
+    Once differentiable: for double backward through the experts, set each layer's backend (an instance
+    attribute): `for layer in model.moe_layers(): layer.experts.gemm_backend = "grouped_mm"`.
     """
 
     @staticmethod

@@ -65,11 +65,38 @@ def next_tokens(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
-def _stop_ids(eos_token_id: int | list[int] | None, device: torch.device) -> torch.Tensor | None:
+def _stop_list(eos_token_id: int | list[int] | None) -> list[int]:
+    """The stop ids as a list; None and [] both mean no stop token, as in transformers."""
     if eos_token_id is None:
+        return []
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
+def _stop_ids(eos_token_id: int | list[int] | None, device: torch.device) -> torch.Tensor | None:
+    ids = _stop_list(eos_token_id)
+    return torch.tensor(ids, device=device) if ids else None
+
+
+def infer_attention_mask(
+    input_ids: torch.Tensor, pad_token_id: int | None, eos_token_id: int | list[int] | None
+) -> torch.Tensor | None:
+    """The mask transformers' generate infers when none is given (None: every token is real).
+
+    Padding is read off `input_ids` only when pad_token_id occurs there and is not a stop token: DeepSeek
+    tokenizers often pad with eos, and a multi-turn prompt holds real eos tokens that must stay visible.
+    """
+    if pad_token_id is None or pad_token_id in _stop_list(eos_token_id):
         return None
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    return torch.tensor(ids, device=device)
+    mask = (input_ids != pad_token_id).long()
+    return None if bool(mask.all()) else mask
+
+
+def _check_prompt_and_chunk(prompt_len: int, prefill_chunk_size: int | None) -> None:
+    """Fail early with the cause: an empty prompt leaves no logits to pick the first token from."""
+    if prompt_len == 0:
+        raise ValueError("the prompt has no tokens; generation needs at least one (e.g. the BOS token)")
+    if prefill_chunk_size is not None and prefill_chunk_size <= 0:
+        raise ValueError(f"prefill_chunk_size must be a positive number of tokens or None, got {prefill_chunk_size}")
 
 
 def _prefill(model, input_ids, inputs_embeds, attention_mask, cache: Cache, chunk: int | None):
@@ -107,18 +134,20 @@ def stream(
 
     Sequences that emitted a stop token keep yielding `pad_token_id` (default: the first stop id)
     until all have stopped or `max_new_tokens` is reached. With `inputs_embeds` (e.g. images already
-    merged in), `input_ids` is optional and only feeds the repetition penalty.
+    merged in), `input_ids` is optional and only feeds the repetition penalty. Without `attention_mask`,
+    padding is inferred from `pad_token_id` as transformers does (see `infer_attention_mask`).
     """
     cfg = SamplingConfig(do_sample, temperature, top_p, top_k, repetition_penalty)
     if input_ids is None and inputs_embeds is None:
         raise ValueError("pass input_ids or inputs_embeds")
     reference = inputs_embeds if inputs_embeds is not None else input_ids
     batch, prompt_len = reference.shape[:2]
+    _check_prompt_and_chunk(prompt_len, prefill_chunk_size)
     device = model.device
     stop_ids = _stop_ids(eos_token_id, device)
     pad = pad_token_id if pad_token_id is not None else (int(stop_ids[0]) if stop_ids is not None else 0)
-    if attention_mask is None and batch > 1 and input_ids is not None and pad_token_id is not None:
-        attention_mask = (input_ids != pad_token_id).long()
+    if attention_mask is None and input_ids is not None:
+        attention_mask = infer_attention_mask(input_ids, pad_token_id, eos_token_id)
     seen = input_ids.to(device) if input_ids is not None else None
     cache = model.new_cache()
     cache.reserve(prompt_len + max_new_tokens)
@@ -139,15 +168,35 @@ def stream(
         output = model(input_ids=token[:, None], attention_mask=attention_mask, cache=cache, logits_to_keep=1)
 
 
+_MTP_ARGUMENTS = ("eos_token_id", "pad_token_id", "attention_mask", "do_sample")
+
+
+def _generate_mtp(model, input_ids: torch.Tensor | None, max_new_tokens: int, kwargs: dict) -> torch.Tensor:
+    """`generate(use_mtp=True)`: greedy MTP decoding takes the arguments that keep it equal to plain greedy."""
+    unsupported = sorted(set(kwargs) - set(_MTP_ARGUMENTS))
+    if unsupported:
+        raise ValueError(
+            f"generate(use_mtp=True) does not support {unsupported}: MTP speculative decoding is greedy, over one "
+            f"unpadded sequence of input_ids, and takes only {list(_MTP_ARGUMENTS)}"
+        )
+    if input_ids is None:
+        raise ValueError("generate(use_mtp=True) needs input_ids")
+    pad_token_id = kwargs.pop("pad_token_id", None)
+    if kwargs.get("attention_mask") is None:
+        kwargs["attention_mask"] = infer_attention_mask(input_ids, pad_token_id, kwargs.get("eos_token_id"))
+    return mtp_generate(model, input_ids, max_new_tokens, **kwargs).tokens
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor | None = None, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
     """(B, T + new) tokens: the prompt followed by the generated tokens (padded after a stop token).
 
     `use_mtp=True` decodes greedily with the model's multi-token-prediction module as a draft; the
-    tokens are exactly those of plain greedy decoding.
+    tokens are exactly those of plain greedy decoding. It decodes one unpadded sequence and takes only
+    eos_token_id, pad_token_id, attention_mask and do_sample=False besides max_new_tokens.
     """
     if kwargs.pop("use_mtp", False):
-        return mtp_generate(model, input_ids, max_new_tokens, **kwargs).tokens
+        return _generate_mtp(model, input_ids, max_new_tokens, kwargs)
     new = list(stream(model, input_ids, max_new_tokens, **kwargs))
     if input_ids is None:
         batch = kwargs["inputs_embeds"].shape[0]

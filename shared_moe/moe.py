@@ -93,6 +93,8 @@ class Experts(nn.Module):
 
     `gemm_backend` picks the grouped GEMM kernel (see `gemm.BACKENDS`); "auto" chooses per device and dtype, and
     where it resolves to oneDNN on an AVX-512 CPU the whole chain runs as the fused op of `fused_experts.py`.
+    Those kernels are once-differentiable; "grouped_mm" supports a double backward. It is set per layer:
+    `for layer in model.moe_layers(): layer.experts.gemm_backend = "grouped_mm"`.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, gemm_backend: str = "auto"):

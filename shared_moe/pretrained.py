@@ -12,6 +12,20 @@ from .config import MoEConfig
 from .model import MoEForCausalLM
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = ("auto", *_DTYPES)
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from a dtype or its name ("bfloat16", "torch.bfloat16"); None or "auto" stay None,
+    which `from_pretrained` reads as the checkpoint's own dtype (transformers' `dtype="auto"`)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype.removeprefix("torch.") if isinstance(dtype, str) else None
+    if name == "auto":
+        return None
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected a torch.dtype, None, or one of {list(DTYPE_NAMES)}")
+    return _DTYPES[name]
 
 
 def _default_dtype(config: MoEConfig, raw_config: dict, tensors: dict[str, torch.Tensor]) -> torch.dtype:
@@ -26,7 +40,7 @@ def _default_dtype(config: MoEConfig, raw_config: dict, tensors: dict[str, torch
 
 def from_pretrained(
     path: str | Path,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     *,
     allow_pickle: bool = False,
@@ -34,10 +48,12 @@ def from_pretrained(
 ) -> MoEForCausalLM:
     """Load a DeepSeek LLM / DeepSeekMoE / V2 / V3 / VL2-language checkpoint from a local folder.
 
-    dtype defaults to the checkpoint's dtype (bf16 for FP8 checkpoints); device defaults to CPU.
+    dtype (a torch.dtype or its name) defaults to the checkpoint's dtype, as does "auto" (bf16 for FP8
+    checkpoints); device defaults to CPU.
     Multi-token-prediction layers are loaded when the checkpoint has them and `load_mtp` is set.
     """
     path = Path(path)
+    dtype = resolve_dtype(dtype)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json; expected a Hugging Face checkpoint folder")
     raw_config = json.loads((path / "config.json").read_text())

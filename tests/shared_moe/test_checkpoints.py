@@ -7,10 +7,11 @@ import re
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import shared_moe
-from shared_moe.checkpoint import FP8_BLOCK, CheckpointMismatchError, dequantize_fp8
+from shared_moe.checkpoint import FP8_BLOCK, CheckpointMismatchError, dequantize_fp8, read_safetensors
 
 
 def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +83,66 @@ def test_sharded_checkpoint_with_index(tiny_checkpoint, tmp_path):
     a, b = shared_moe.from_pretrained(folder), shared_moe.from_pretrained(sharded)
     ids = torch.randint(2, 96, (1, 9))
     assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_truncated_shard_error_names_the_file(tmp_path):
+    save_file({"a": torch.zeros(4), "b": torch.ones(8)}, tmp_path / "model-00001-of-00001.safetensors")
+    shard = tmp_path / "model-00001-of-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])  # an interrupted download
+    with pytest.raises(OSError, match="model-00001-of-00001.safetensors") as error:
+        read_safetensors(tmp_path)
+    assert isinstance(error.value.__cause__, SafetensorError)
+
+
+def test_saving_over_a_sharded_checkpoint_replaces_it(tiny_checkpoint, tmp_path):
+    """The old index would win over the new model.safetensors on reload, so it goes with the shards it names."""
+    hf, _ = tiny_checkpoint("v3")
+    folder = tmp_path / "sharded"
+    hf.save_pretrained(folder, max_shard_size="100KB")
+    model = shared_moe.from_pretrained(folder)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    model.save_pretrained(folder)
+    assert sorted(p.name for p in folder.glob("*.safetensors*")) == ["model.safetensors"]
+    assert (shared_moe.from_pretrained(folder).lm_head.weight == 0).all()
+
+
+def test_stale_index_cleanup_deletes_only_the_named_files_in_the_folder(tiny_checkpoint, tmp_path):
+    _, source = tiny_checkpoint("llama")
+    folder, outside = tmp_path / "target", tmp_path / "outside.safetensors"
+    folder.mkdir()
+    for file in (outside, folder / "model-00001-of-00001.safetensors", folder / "notes.safetensors"):
+        file.write_bytes(b"old")
+    weight_map = {"a": "model-00001-of-00001.safetensors", "b": "../outside.safetensors"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    shared_moe.from_pretrained(source).save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "notes.safetensors"]
+    assert outside.exists()
+
+
+def test_safetensors_take_precedence_over_a_pickle_index(tiny_checkpoint, tmp_path):
+    """A folder with both keeps its .bin files; the loader reads the safetensors, as transformers does."""
+    hf, source = tiny_checkpoint("llama")
+    model = shared_moe.from_pretrained(source)
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": "pytorch_model.bin"}}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+    model.save_pretrained(tmp_path)
+    reloaded = shared_moe.from_pretrained(tmp_path)
+    assert (tmp_path / "pytorch_model.bin").exists()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "bfloat16", "torch.bfloat16"])
+def test_from_pretrained_takes_a_dtype_or_its_name(tiny_checkpoint, dtype):
+    _, folder = tiny_checkpoint("llama")
+    assert shared_moe.from_pretrained(folder, dtype=dtype).dtype == torch.bfloat16
+
+
+def test_dtype_auto_is_the_checkpoints_and_unknown_names_raise(tiny_checkpoint):
+    _, folder = tiny_checkpoint("llama")
+    assert shared_moe.from_pretrained(folder, dtype="auto").dtype == torch.float32  # what transformers saved
+    with pytest.raises(ValueError, match="unknown dtype 'bf16'"):
+        shared_moe.from_pretrained(folder, dtype="bf16")
 
 
 def test_vl2_language_prefix_and_config(tiny_checkpoint, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from shared_moe import MoEConfig, MoEForCausalLM
@@ -103,3 +104,14 @@ def test_missing_fields_take_the_model_types_defaults():
     assert (llama.hidden_size, llama.num_attention_heads, llama.num_key_value_heads) == (4096, 32, 32)
     v2 = MoEConfig.from_hf({"model_type": "deepseek_v2"})
     assert v2.use_mla and v2.q_lora_rank == 1536 and v2.num_attention_heads == 32
+
+
+def test_missing_model_type_comes_from_architectures_or_raises():
+    without_type = {k: v for k, v in V3.items() if k != "model_type"}
+    cfg = MoEConfig.from_hf({**without_type, "architectures": ["DeepseekV3ForCausalLM"]})
+    assert cfg.model_type == "deepseek_v3" and cfg.use_mla and cfg.topk_method == "noaux_tc"
+    lite = {k: v for k, v in V2_LITE.items() if k != "model_type"}
+    assert MoEConfig.from_hf({**lite, "architectures": ["DeepseekV2ForCausalLM"]}).model_type == "deepseek_v2"
+    for architectures in ([], ["GPT2LMHeadModel"]):
+        with pytest.raises(ValueError, match="no model_type.*deepseek_v3"):
+            MoEConfig.from_hf({**without_type, "architectures": architectures})

@@ -109,3 +109,29 @@ def test_bad_sampling_arguments_raise(model):
         model.generate(torch.tensor([[3]]), 2, do_sample=True, temperature=0.0)
     with pytest.raises(ValueError, match="top_p"):
         model.generate(torch.tensor([[3]]), 2, do_sample=True, top_p=1.5)
+
+
+def test_attention_mask_is_inferred_from_pad_like_transformers(tiny_checkpoint):
+    """No mask given: pad is masked only when it occurs and is not eos, for any batch size. A real eos inside a
+    multi-turn prompt (pad == eos, as in DeepSeek tokenizers) stays visible; a left-padded single row is masked."""
+    hf, folder = tiny_checkpoint("v3")
+    model = shared_moe.from_pretrained(folder, dtype=torch.float32)
+    eos, pad = 1, 2
+    multi_turn, _ = left_pad([[5, 9, 33, 41, eos, 7, 8, 60], [12, 13, 14]], pad=eos)
+    padded_row = torch.tensor([[pad, pad, pad, 12, 13, 14]])
+    for ids, pad_token_id in [(multi_turn, eos), (padded_row, pad)]:
+        expected = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=pad_token_id)
+        assert model.generate(ids, 8, eos_token_id=eos, pad_token_id=pad_token_id).tolist() == expected.tolist()
+
+
+def test_empty_prompt_and_bad_prefill_chunk_size_raise(model):
+    with pytest.raises(ValueError, match="prompt has no tokens"):
+        model.generate(torch.empty(1, 0, dtype=torch.long), 3)
+    for chunk in (0, -1):
+        with pytest.raises(ValueError, match="prefill_chunk_size"):
+            model.generate(torch.tensor([[3, 4]]), 3, prefill_chunk_size=chunk)
+
+
+def test_empty_eos_list_means_no_stop_token(model):
+    ids = torch.tensor([[5, 6, 7]])
+    assert model.generate(ids, 4, eos_token_id=[]).tolist() == model.generate(ids, 4).tolist()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -66,3 +67,20 @@ def test_speculation_needs_an_mtp_checkpoint(tiny_checkpoint):
         assert "no MTP layers" in str(error)
     else:
         raise AssertionError("expected a clear error")
+
+
+def test_use_mtp_equals_greedy_for_any_length_and_takes_generate_arguments(tiny_checkpoint, add_mtp_layer):
+    _, folder = tiny_checkpoint("v3", num_nextn_predict_layers=1)
+    add_mtp_layer(folder)
+    model = shared_moe.from_pretrained(folder)
+    prompt = torch.tensor([[5, 6, 7]])
+    for new_tokens in (0, 1, 3):
+        assert model.generate(prompt, new_tokens, use_mtp=True).tolist() == model.generate(prompt, new_tokens).tolist()
+    special = dict(eos_token_id=1, pad_token_id=0, attention_mask=torch.ones(1, 3, dtype=torch.long))
+    assert model.generate(prompt, 3, use_mtp=True, **special).tolist() == model.generate(prompt, 3, **special).tolist()
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(prompt, 3, use_mtp=True, temperature=0.7)
+    with pytest.raises(ValueError, match="unpadded"):  # the mask inferred from pad_token_id, as plain generate does
+        model.generate(torch.tensor([[0, 6, 7]]), 3, use_mtp=True, pad_token_id=0)
+    with pytest.raises(ValueError, match="prompt has no tokens"):
+        model.generate(torch.empty(1, 0, dtype=torch.long), 3, use_mtp=True)

@@ -30,3 +30,19 @@ def test_training_steps_reduce_loss_and_update_router_bias(tiny_checkpoint):
     bias = model.model.layers[1].mlp.gate.e_score_correction_bias
     assert not torch.equal(bias, bias_before) and bias.dtype == torch.float32
     assert "e_score_correction_bias" not in {n.rsplit(".", 1)[-1] for n, _ in model.named_parameters()}
+
+
+def test_documented_grouped_mm_switch_allows_a_double_backward(tiny_checkpoint):
+    """README/gemm.py: the fused and oneDNN expert kernels are once-differentiable; the documented per-layer switch
+    (an instance attribute, so setting it on the Experts class does nothing) lets a gradient penalty run."""
+    _, folder = tiny_checkpoint("v3")
+    model = shared_moe.from_pretrained(folder)
+    for layer in model.moe_layers():
+        layer.experts.gemm_backend = "grouped_mm"
+    ids = torch.randint(2, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    loss = model(inputs_embeds=embeds, use_cache=False).logits.logsumexp(-1).mean()
+    (grad,) = torch.autograd.grad(loss, embeds, create_graph=True)
+    grad.square().sum().backward()
+    experts = model.moe_layers()[0].experts
+    assert experts.gate_up_proj.grad.abs().sum() > 0 and experts.down_proj.grad.abs().sum() > 0
