@@ -190,8 +190,7 @@ class LocalModelGenerator:
         self.config = config
         self.name = f"local:{config.path}:{config.style}"
         self.few_shot_pool = few_shot_pool
-        dtype = getattr(torch, config.dtype) if config.dtype else None
-        self.model = shared_moe.from_pretrained(config.path, dtype=dtype, device=config.device)
+        self.model = shared_moe.from_pretrained(config.path, dtype=config.dtype, device=config.device)
         self.tokenizer = AutoTokenizer.from_pretrained(config.path)
         self._lock = threading.Lock()  # one model, many batch workers: generate one request at a time
 
