@@ -12,6 +12,7 @@ regenerating never calls the generator with wrong arguments.
 from __future__ import annotations
 
 import html
+import re
 import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
@@ -126,13 +127,22 @@ class ChatEngine:
         return error is None
 
     def answer(self, session: ChatSession, params: GenerationParams) -> Iterator[ChatSession]:
-        """Stream the reply to the last turn if it awaits one; yields the session after each piece."""
+        """Stream the reply to the last turn if it awaits one; yields the session after each piece.
+
+        A turn whose prompt the processor rejects becomes an error turn, like an unreadable upload, so
+        it never enters a later prompt and the conversation goes on.
+        """
         if not session.turns or not session.turns[-1].awaiting:
             return
         current = session.turns[-1]
         current.awaiting = False
         turns = [t for t in session.turns if t.error is None]
-        kept, n_tokens = self.fit_history(turns, params.max_history_tokens)
+        try:
+            kept, n_tokens = self.fit_history(turns, params.max_history_tokens)
+        except ValueError as e:
+            current.error = session.notice = f"Could not prepare this message for the model: {e}"
+            yield session
+            return
         dropped = len(turns) - len(kept)
         session.notice = f"Prompt: {n_tokens} tokens."
         if dropped:
@@ -223,20 +233,30 @@ class ChatEngine:
 
 # --- display ---------------------------------------------------------------------------------------
 _GROUNDING_MARKUP = {
-    "&lt;|ref|&gt;": "**",
-    "&lt;|/ref|&gt;": "**",
-    "&lt;|det|&gt;": " ",
-    "&lt;|/det|&gt;": "",
-    "&lt;|grounding|&gt;": "",
+    "<|ref|>": "**",
+    "<|/ref|>": "**",
+    "<|det|>": " ",
+    "<|/det|>": "",
+    "<|grounding|>": "",
 }
+_GROUNDING_TAG = re.compile("(" + "|".join(map(re.escape, _GROUNDING_MARKUP)) + ")")
+# Every ASCII punctuation character but the `&` and `;` of html.escape's entities.
+_MARKDOWN_PUNCTUATION = re.compile(r"[!-%'-/:<-@\[-`{-~]")
+
+
+def escape_markdown(text: str) -> str:
+    """Text that the Chatbot's Markdown shows verbatim: no HTML, image, link, autolink or LaTeX can form.
+
+    HTML is escaped to entities, and every other ASCII punctuation character gets a backslash, which
+    CommonMark allows for any of them, so a reply cannot make the browser fetch a remote URL.
+    """
+    return _MARKDOWN_PUNCTUATION.sub(r"\\\g<0>", html.escape(text, quote=False))
 
 
 def render_reply(reply: str) -> str:
-    """Markdown for a reply: labels in bold followed by their boxes; any other markup escaped."""
-    text = html.escape(reply, quote=False)
-    for tag, markdown in _GROUNDING_MARKUP.items():
-        text = text.replace(tag, markdown)
-    return text
+    """Markdown for a reply: labels in bold followed by their boxes; everything the model wrote escaped."""
+    parts = _GROUNDING_TAG.split(reply)  # text at even indices, grounding tags at odd ones
+    return "".join(_GROUNDING_MARKUP[p] if i % 2 else escape_markdown(p) for i, p in enumerate(parts))
 
 
 def chat_messages(session: ChatSession) -> list[dict]:
@@ -260,5 +280,5 @@ def chat_messages(session: ChatSession) -> list[dict]:
 
 
 def latest_overlay(session: ChatSession) -> str | None:
-    """Path of the newest grounding overlay in the conversation, for the side panel."""
-    return next((t.overlay_path for t in reversed(session.turns) if t.overlay_path), None)
+    """The side panel's image: the overlay of the latest reply only, so a reply without boxes clears it."""
+    return session.turns[-1].overlay_path if session.turns else None

@@ -8,6 +8,13 @@ from .batch import VisionLanguageModel
 from .processing import VL2ChatProcessor, VLChatProcessor
 
 
+def _stop_ids(eos_token_id: int | list[int] | None) -> set[int]:
+    """The stop ids, read as `shared_moe` reads `eos_token_id`: one id, a list of ids, or None for none."""
+    if eos_token_id is None:
+        return set()
+    return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+
+
 def _pieces(model: VisionLanguageModel, processor, conversation: list, images, gen: dict) -> Iterator[str]:
     batch = processor(conversation, images)
     if len(batch) != 1:
@@ -15,11 +22,12 @@ def _pieces(model: VisionLanguageModel, processor, conversation: list, images, g
     vision_dtype = next(model.parameters()).dtype
     batch = batch.to(model.lm.device, vision_dtype)
     gen.setdefault("eos_token_id", processor.eos_id)
+    stops = _stop_ids(gen["eos_token_id"])
     ids: list[int] = []
     emitted = ""
     for token in model.stream(batch, **gen):
         token_id = int(token[0])
-        if token_id == gen["eos_token_id"]:
+        if token_id in stops:
             break
         ids.append(token_id)
         # Decode the whole reply each step: a piece may complete a multi-byte character or merge.
@@ -45,7 +53,8 @@ def chat(
     """Text pieces of the reply as they are generated (`stream=True`) or the whole reply.
 
     `gen` are `shared_moe` generation arguments (do_sample, temperature, top_p, prefill_chunk_size,
-    ...). Decoding stops at the tokenizer's EOS. Special tokens (grounding tags) stay in the text.
+    ...). Decoding stops at the tokenizer's EOS, or at any id of an `eos_token_id` list given in `gen`;
+    the stop token is not part of the reply. Special tokens (grounding tags) stay in the text.
     """
     pieces = _pieces(model, processor, conversation, images, dict(gen, max_new_tokens=max_new_tokens))
     return pieces if stream else "".join(pieces)

@@ -1,15 +1,23 @@
 """Parse DeepSeek-VL2 grounding output into pixel boxes, without `eval` and without raising.
 
 Format: `<|ref|>label<|/ref|><|det|>[[x1, y1, x2, y2], ...]<|/det|>`, coordinates in 0..999 of the
-image width/height. A `<|det|>` without a preceding `<|ref|>` gets the label "". Boxes that are not
-four integers in range with x1 <= x2 and y1 <= y2, and unclosed tags, are listed in `.malformed`.
+image width/height. A `<|det|>` without a preceding `<|ref|>` gets the label "". Labels and box lists never
+run across another grounding tag. Boxes that are not four integers in range with x1 <= x2 and y1 <= y2,
+unclosed tags, a `<|ref|>` with no `<|det|>` and stray closing tags are listed in `.malformed`.
 """
 
 from __future__ import annotations
 
 import re
 
-SPAN = re.compile(r"(?:<\|ref\|>(?P<label>.*?)<\|/ref\|>\s*)?<\|det\|>(?P<det>.*?)(?:<\|/det\|>|$)", re.DOTALL)
+# Text that holds no grounding tag: a label or a det body can never run across the next object's tags.
+UNTAGGED = r"(?:(?!<\|/?(?:ref|det)\|>).)*"
+PIECE = re.compile(
+    rf"<\|ref\|>(?P<label>{UNTAGGED})(?P<ref_end><\|/ref\|>)?"
+    rf"|<\|det\|>(?P<det>{UNTAGGED})(?P<det_end><\|/det\|>)?"
+    r"|(?P<stray><\|/(?:ref|det)\|>)",
+    re.DOTALL,
+)
 BOX = re.compile(r"\[\s*([^\[\]]*?)\s*\]")
 NUMBER = re.compile(r"^-?\d+$")
 COORD_MAX = 999
@@ -35,15 +43,46 @@ def _parse_box(text: str) -> tuple[int, int, int, int] | str:
     return x1, y1, x2, y2
 
 
+def _no_det(ref: re.Match) -> str:
+    return f"no <|det|> for <|ref|> {ref['label'].strip()!r}"
+
+
+def _pairs(text: str) -> tuple[list[tuple[str, str, bool]], list[str]]:
+    """(label, det body, closed) for every `<|det|>`, and what was unpaired or unclosed.
+
+    A `<|ref|>` labels the `<|det|>` that follows it after nothing but whitespace; any other
+    `<|ref|>` has no boxes and is reported, as is a stray closing tag.
+    """
+    pairs, malformed = [], []
+    pending: re.Match | None = None  # a closed <|ref|> waiting for its <|det|>
+    for piece in PIECE.finditer(text):
+        if piece["stray"]:
+            malformed.append(f"unpaired {piece['stray']}")
+        elif piece["label"] is not None:
+            if pending:
+                malformed.append(_no_det(pending))
+            pending = piece if piece["ref_end"] else None
+            if not piece["ref_end"]:
+                malformed.append(f"unclosed <|ref|> {piece['label'].strip()!r}")
+        else:
+            paired = pending is not None and not text[pending.end() : piece.start()].strip()
+            if pending and not paired:
+                malformed.append(_no_det(pending))
+            pairs.append((pending["label"].strip() if paired else "", piece["det"], piece["det_end"] is not None))
+            pending = None
+    if pending:
+        malformed.append(_no_det(pending))
+    return pairs, malformed
+
+
 def parse_grounding(text: str, width: int, height: int) -> Groundings:
     """Boxes scaled to a `width` x `height` image (`int(v / 999 * size)`, as the reference demo)."""
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
-    result, malformed = [], []
-    for span in SPAN.finditer(text):
-        label = (span.group("label") or "").strip()
-        det = span.group("det")
-        if not span.group(0).endswith("<|/det|>"):
+    result = []
+    pairs, malformed = _pairs(text)
+    for label, det, closed in pairs:
+        if not closed:
             malformed.append(f"unclosed <|det|> for {label!r}")
         boxes = []
         inner = det.strip()

@@ -106,9 +106,32 @@ def select_best_resolution(
     return best
 
 
+def _contained_size(image_size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
+    """The size `ImageOps.contain` resizes to, with Pillow's rounding (a side may round to 0)."""
+    width, height = image_size
+    if width / height > box[0] / box[1]:
+        return box[0], round(height / width * box[0])
+    if width / height < box[0] / box[1]:
+        return round(width / height * box[1]), box[1]
+    return box
+
+
+def pad_image(img: Image.Image, box: tuple[int, int], color: tuple[int, int, int]) -> Image.Image:
+    """`ImageOps.pad`, except that the short side never rounds to 0 px.
+
+    At aspect ratios of about 768:1 and beyond, Pillow (and so the reference) would raise "height and
+    width must be > 0". Such an image is first resized to a 1-px short side, then padded as usual;
+    every other image is padded bit-identically to `ImageOps.pad`.
+    """
+    fit = _contained_size(img.size, box)
+    if min(fit) < 1:
+        img = img.resize((max(fit[0], 1), max(fit[1], 1)), Image.Resampling.BICUBIC)
+    return ImageOps.pad(img, box, color=color)
+
+
 @dataclass
 class VL2ImageProcessor:
-    """Global view + row-major local tiles of `tile_size`, padded with `ImageOps.pad` semantics."""
+    """Global view + row-major local tiles of `tile_size`, padded with `ImageOps.pad` semantics (see `pad_image`)."""
 
     tile_size: int = 384
     patch_size: int = 14
@@ -148,8 +171,8 @@ class VL2ImageProcessor:
         nw, nh = grid
         size = self.tile_size
         color = self.pad_color()
-        out = [ImageOps.pad(img, (size, size), color=color)]
-        canvas = ImageOps.pad(img, (nw * size, nh * size), color=color)
+        out = [pad_image(img, (size, size), color)]
+        canvas = pad_image(img, (nw * size, nh * size), color)
         for y in range(0, nh * size, size):
             for x in range(0, nw * size, size):
                 out.append(canvas.crop((x, y, x + size, y + size)))

@@ -313,6 +313,22 @@ def load_tensors(model: VisionLanguageModel, tensors: dict[str, torch.Tensor], l
     model.lm.load_hf_state_dict(lm_tensors)
 
 
+def add_pad_token(tokenizer, pad_token: str | None, vocab_size: int) -> None:
+    """Give a tokenizer without a pad token the one `processor_config.json` names, as DeepSeek-VL2 does.
+
+    Without it, batches are left-padded with EOS, and the repetition penalty, which counts the padding
+    as seen tokens, then penalises EOS in padded rows only. A token missing from the vocabulary gets the
+    next id; when that id (or an existing one) is outside the model's embedding table of `vocab_size`
+    rows, nothing is added and padding falls back to EOS as before.
+    """
+    if tokenizer.pad_token is not None or not pad_token:
+        return
+    existing = tokenizer.convert_tokens_to_ids(pad_token)
+    pad_id = existing if existing is not None and existing != tokenizer.unk_token_id else len(tokenizer)
+    if pad_id < vocab_size:
+        tokenizer.add_special_tokens({"pad_token": pad_token})
+
+
 def load(
     path: str | Path,
     dtype: torch.dtype | None = None,
@@ -360,6 +376,7 @@ def load(
         vcfg = vl2_config(cfg, token_id(tokenizer, image_tag))
         model = materialize(DeepseekVL2, vcfg, device, dtype)
         load_tensors(model, tensors, "language.")
+        add_pad_token(tokenizer, preprocessor.get("pad_token"), model.lm.get_input_embeddings().num_embeddings)
         image_processor = VL2ImageProcessor(
             tile_size=vcfg.vision.image_size,
             patch_size=vcfg.vision.patch_size,

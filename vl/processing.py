@@ -248,6 +248,16 @@ class VL2ChatProcessor(_Processor):
                 grids.append(grid)
         return ids, mask, views, grids
 
+    def check_no_image_tag(self, message: Message) -> None:
+        """Images belong to user turns: elsewhere the tag would be encoded as text and its image dropped.
+
+        The reference asserts this for assistant turns; a system message is held to the same rule.
+        """
+        if self.image_tag in message.content:
+            raise ImageTagMismatchError(
+                f"the {message.role} message cannot contain {self.image_tag}: images belong to user turns"
+            )
+
     def process_one(self, messages: list[Message], images: list[Image.Image]) -> dict:
         ids = [self.bos_id] if self.bos_id is not None else []
         mask = [False] * len(ids)
@@ -256,6 +266,7 @@ class VL2ChatProcessor(_Processor):
         # when there is no system message) is glued to the first user turn with the "\n\n" separator.
         template_system = self.system_prompt
         if messages[0].role == "system":
+            self.check_no_image_tag(messages[0])
             ids += self.encode(messages[0].content.strip())
             mask += [False] * (len(ids) - len(mask))
             template_system, messages = "", messages[1:]
@@ -271,11 +282,8 @@ class VL2ChatProcessor(_Processor):
                 mask += part[1]
                 views += part[2]
                 grids += part[3]
-            elif self.image_tag in m.content:
-                raise ImageTagMismatchError(
-                    f"an assistant message cannot contain {self.image_tag}: images belong to user turns"
-                )
             elif m.content.strip() or idx < len(messages) - 1:
+                self.check_no_image_tag(m)
                 seg = self.encode(m.content.strip()) + [self.eos_id]
                 ids += seg
                 mask += [False] * len(seg)

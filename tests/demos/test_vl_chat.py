@@ -3,6 +3,8 @@ grounding overlay, history truncation."""
 
 from __future__ import annotations
 
+import html
+import string
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +95,29 @@ def test_corrupt_image_gives_a_message_in_the_chat(engine, write_image, tmp_path
     assert session.turns[-1].reply and engine.conversation([t for t in session.turns if t.error is None])[1]
 
 
+def test_an_image_the_processor_rejects_is_reported_and_the_chat_goes_on(engine, write_image, monkeypatch):
+    views = engine.processor.image_processor.views
+
+    def reject_5x5(img, grid):  # an image that decodes but that the processor cannot tile
+        if img.size == (5, 5):
+            raise ValueError("height and width must be > 0")
+        return views(img, grid)
+
+    monkeypatch.setattr(engine.processor.image_processor, "views", reject_5x5)
+    session = ChatSession()
+    list(engine.send(session, "What is it?", [write_image("odd.png", 5, 5)], GREEDY))
+    turn = session.turns[-1]
+    assert turn.error == session.notice == "Could not prepare this message for the model: height and width must be > 0"
+    assert turn.reply == "" and not turn.awaiting
+    user, warning = chat_messages(session)
+    assert "odd.png" in user["content"] and warning["content"].startswith("⚠️ Could not prepare")
+    assert list(engine.regenerate(session, GREEDY))[-1].notice == "Nothing to regenerate."
+    list(engine.send(session, "Hello?", [], GREEDY))  # the rejected turn stays out of later prompts
+    assert session.turns[-1].reply and session.turns[-1].error is None
+    list(engine.regenerate(session, GREEDY))
+    assert session.turns[-1].reply
+
+
 def test_grounding_overlay_draws_the_box(write_image):
     image = Image.new("RGB", (200, 100), (128, 128, 128))
     overlay, groundings = grounding_overlay(image, GROUNDED)
@@ -113,7 +138,23 @@ def test_grounded_reply_shows_an_overlay_in_the_chat(engine, write_image, monkey
     overlay = np.asarray(Image.open(path))
     assert overlay.shape == (200, 300, 3)
     assert "Drew 1 box(es)" in session.notice
-    assert chat_messages(session)[-1]["content"] == ["**x** [[0,0,499,499]]", {"path": path}]
+    assert chat_messages(session)[-1]["content"] == [render_reply(GROUNDED), {"path": path}]
+
+
+def test_overlay_panel_shows_only_the_latest_replys_boxes(engine, write_image, monkeypatch):
+    replies = iter([GROUNDED, "No boxes here.", GROUNDED, "Nor here."])
+    monkeypatch.setattr(vl, "chat", lambda *args, **kwargs: iter([next(replies)]))
+    session = ChatSession()
+    list(engine.send(session, "Where is x?", [write_image()], GREEDY))
+    assert latest_overlay(session) == session.turns[0].overlay_path is not None
+    list(engine.send(session, "Thanks.", [], GREEDY))
+    assert latest_overlay(session) is None  # not the first turn's boxes
+    list(engine.send(session, "And now?", [], GREEDY))
+    assert latest_overlay(session) == session.turns[2].overlay_path is not None
+    regenerating = engine.regenerate(session, GREEDY)
+    assert latest_overlay(next(regenerating)) is None  # the reply being replaced no longer counts
+    list(regenerating)
+    assert latest_overlay(session) is None and session.turns[2].reply == "Nor here."
 
 
 def test_history_is_truncated_to_the_token_budget(engine, write_image):
@@ -132,7 +173,17 @@ def test_history_is_truncated_to_the_token_budget(engine, write_image):
 
 
 def test_render_reply_escapes_markup_and_formats_grounding():
-    assert render_reply("<b>hi</b> " + GROUNDED) == "&lt;b&gt;hi&lt;/b&gt; **x** [[0,0,499,499]]"
+    assert render_reply("<b>hi</b> " + GROUNDED) == r"&lt;b&gt;hi&lt;\/b&gt; **x** \[\[0\,0\,499\,499\]\]"
+
+
+def test_render_reply_shows_model_markdown_verbatim():
+    # A remote image or link in a reply must reach the browser as text, never as a URL it fetches.
+    MarkdownIt = pytest.importorskip("markdown_it").MarkdownIt  # a CommonMark renderer (gradio -> rich)
+    assert MarkdownIt("commonmark").render(render_reply(GROUNDED)) == "<p><strong>x</strong> [[0,0,499,499]]</p>\n"
+    reply = "![p](https://attacker.example/x?q=1) [click](https://x.example) www.x.example\n---\n" + string.punctuation
+    rendered = MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(render_reply(reply))
+    assert "<img" not in rendered and "<a " not in rendered and "<h2>" not in rendered
+    assert html.unescape(rendered) == f"<p>{reply}</p>\n"
 
 
 @pytest.mark.parametrize("temperature, sampled", [(0.0, False), (0.3, True)])

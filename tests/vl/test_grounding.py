@@ -64,6 +64,26 @@ def test_unclosed_det_is_reported_but_parsed():
     assert any("unclosed" in m for m in out.malformed)
 
 
+def test_a_ref_without_its_own_det_does_not_swallow_the_next_label():
+    text = "The <|ref|>cat<|/ref|> sits next to <|ref|>the dog<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>"
+    out = parse_grounding(text, 999, 999)
+    assert out == [("the dog", [(1, 2, 3, 4)])]
+    assert out.malformed == ["no <|det|> for <|ref|> 'cat'"]
+
+
+def test_an_unclosed_det_does_not_steal_the_next_objects_boxes():
+    text = "<|ref|>cat<|/ref|><|det|>[[1, 2, 3, 4]] and <|ref|>dog<|/ref|><|det|>[[5, 6, 7, 8]]<|/det|>"
+    out = parse_grounding(text, 999, 999)
+    assert out == [("cat", [(1, 2, 3, 4)]), ("dog", [(5, 6, 7, 8)])]
+    assert out.malformed == ["unclosed <|det|> for 'cat'"]
+
+
+def test_unclosed_refs_and_stray_closing_tags_are_reported():
+    out = parse_grounding("<|ref|>cat<|det|>[[1, 2, 3, 4]]<|/det|> stray <|/ref|><|/det|>", 999, 999)
+    assert out == [("", [(1, 2, 3, 4)])]
+    assert out.malformed == ["unclosed <|ref|> 'cat'", "unpaired <|/ref|>", "unpaired <|/det|>"]
+
+
 def test_plain_text_and_bad_sizes():
     assert parse_grounding("no grounding here", 10, 10) == []
     with pytest.raises(ValueError):

@@ -109,6 +109,24 @@ def test_vl2_image_tag_in_an_assistant_turn_is_an_error(vlh, vl2_proc):
         vl2_proc(conv, [img, img])
 
 
+def test_vl2_image_tag_in_a_system_message_is_an_error(vlh, vl2_proc):
+    # The system message is encoded as plain text: its image would be dropped without a word.
+    img = vlh.noise_image(56, 56)
+    conv = [{"role": "system", "content": "Reference: <image>"}, {"role": "user", "content": "Describe it."}]
+    with pytest.raises(vl.ImageTagMismatchError, match="system message cannot contain <image>"):
+        vl2_proc(conv, [img])
+    fixing = VL2ChatProcessor(vl2_proc.tokenizer, vl2_proc.image_processor, tag_policy="fix")
+    with pytest.raises(vl.ImageTagMismatchError, match="system message cannot contain <image>"):
+        fixing([conv[0], {"role": "user", "content": "<image> compare"}], [img, img])
+
+
+def test_vl1_image_tag_in_a_system_message_is_an_image(vlh, vl1_proc):
+    # VL1 tokenises the whole prompt string and expands every tag, as the reference does: nothing is dropped.
+    conv = [{"role": "system", "content": "Reference: <image_placeholder>"}, {"role": "user", "content": "Describe."}]
+    batch = vl1_proc(conv, [vlh.noise_image(30, 20)])
+    assert int(batch.images_seq_mask.sum()) == 16 and bool(batch.images_emb_mask.all())
+
+
 def test_vl2_more_than_two_images_are_not_tiled(vlh, vl2_proc):
     imgs = [vlh.noise_image(112, 112, seed=s) for s in range(3)]
     batch = vl2_proc([{"role": "user", "content": "<image><image><image> same?"}], imgs)

@@ -95,6 +95,22 @@ def test_pad_colour_is_127():
     assert torch.allclose(corner, torch.full((3,), (127 / 255 - 0.5) / 0.5))
 
 
+@pytest.mark.parametrize(
+    "size,grid",
+    [((1600, 2), (5, 1)), ((768, 1), (2, 1)), ((2, 1600), (1, 5)), ((5000, 1), (1, 1)), ((1, 5000), (1, 1))],
+)
+def test_extreme_aspect_ratios_keep_a_one_pixel_short_side(size, grid):
+    # ImageOps.pad would round the short side to 0 px and raise; the image becomes a 1-px line instead.
+    red = (200, 30, 30)
+    views, got = VL2ImageProcessor()(Image.new("RGB", size, red), 1)
+    assert got == grid and views.shape == (1 + grid[0] * grid[1], 3, 384, 384)
+    is_red = (views[0] == ((torch.tensor(red) / 255 - 0.5) / 0.5).view(3, 1, 1)).all(dim=0)
+    line = is_red[192] if size[0] > size[1] else is_red[:, 192]
+    assert line.all() and int(is_red.sum()) == 384  # one centred full-length line, pad colour elsewhere
+    many, _ = VL2ImageProcessor()(Image.new("RGB", size, red), 3)  # untiled: one global view, one tile
+    assert many.shape == (2, 3, 384, 384)
+
+
 def test_token_layout_with_identifiable_features():
     # Global features carry 1000 + position, locals 2000 + 100*tile + position, tags are -1 / -2.
     g, dim, grid = 14, 3, (2, 1)

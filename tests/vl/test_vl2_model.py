@@ -3,8 +3,10 @@
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 import vl
+from vl.loading import add_pad_token
 from vl.modeling_vl2 import tile_layout
 
 USER_IMAGE = [{"role": "user", "content": "<image>\nDescribe the image."}]
@@ -115,6 +117,19 @@ def test_text_only_request_takes_the_pure_text_path(loaded):
         handle.remove()
     assert calls == []
     assert torch.equal(logits, text_logits)
+
+
+@pytest.mark.parametrize("as_list, stop_on_second", [(False, False), (True, False), (True, True)])
+def test_chat_stops_at_any_id_of_an_eos_list(loaded, monkeypatch, as_list, stop_on_second):
+    model, processor = loaded
+    text_ids = processor.tokenizer.encode("A cat sits", add_special_tokens=False)
+    second = processor.image_token_id
+    stop = second if stop_on_second else processor.eos_id
+    scripted = text_ids + [stop] + text_ids  # shared_moe streams the stop id itself
+    monkeypatch.setattr(model, "stream", lambda batch, **gen: (torch.tensor([i]) for i in scripted))
+    eos_token_id = [processor.eos_id, second] if as_list else processor.eos_id
+    reply = vl.chat(model, processor, [{"role": "user", "content": "Hi"}], stream=False, eos_token_id=eos_token_id)
+    assert reply == processor.tokenizer.decode(text_ids)
 
 
 MLA = dict(use_mla=True, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
@@ -287,3 +302,22 @@ def test_load_passes_input_limits_to_the_processor(vlh, vl2_checkpoint):
         processor(USER_IMAGE, [vlh.noise_image(60, 60)])
     fixed = processor([{"role": "user", "content": "Describe."}], [vlh.noise_image(50, 50)])
     assert int(fixed.images_seq_mask.sum()) == vl.VL2ImageProcessor(tile_size=56).token_count((1, 1))
+
+
+def test_load_adds_the_pad_token_named_by_processor_config(vlh, tmp_path):
+    path = vlh.write_vl2_checkpoint(tmp_path / "no_pad")  # processor_config.json names PAD as pad_token
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    pad_id = tokenizer.pad_token_id
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(str(path))
+    _, processor = vl.load(path)
+    assert processor.pad_id == pad_id != processor.eos_id  # not EOS, which the repetition penalty would see
+
+
+def test_a_new_pad_token_is_added_only_inside_the_embedding_table(vlh, tmp_path):
+    tokenizer = vlh.make_tokenizer(tmp_path, vlh.VL2_SPECIALS)
+    tokenizer.pad_token = None
+    add_pad_token(tokenizer, "<new_pad>", vocab_size=len(tokenizer))  # its id, len(tokenizer), has no row
+    assert tokenizer.pad_token is None
+    add_pad_token(tokenizer, "<new_pad>", vocab_size=len(tokenizer) + 1)
+    assert tokenizer.pad_token == "<new_pad>" and tokenizer.pad_token_id == len(tokenizer) - 1
