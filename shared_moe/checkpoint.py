@@ -2,7 +2,8 @@
 
 Handles what released DeepSeek checkpoints actually contain: single or sharded safetensors,
 per-expert (`mlp.experts.{e}.gate_proj.weight`) or fused (`mlp.experts.gate_up_proj`) expert keys,
-the `language.` prefix of DeepSeek-VL2, FP8 e4m3 weights with 128x128 `weight_scale_inv` blocks, and
+the `language.` prefix of DeepSeek-VL2, FP8 e4m3 weights with `weight_scale_inv` block scales (blocks of
+`quantization_config.weight_block_size`, 128x128 in DeepSeek-V3), and
 the multi-token-prediction layers stored after the last decoder layer. Pickle `.bin` files are
 refused unless the caller opts in, because unpickling runs arbitrary code.
 """
@@ -20,7 +21,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-FP8_BLOCK = 128
+FP8_BLOCK_SIZE = (128, 128)  # DeepSeek-V3's quantization_config.weight_block_size, and transformers' default
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz)
 _EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _VL2_NON_LANGUAGE = ("vision.", "projector.", "image_newline", "view_seperator")
@@ -83,10 +85,40 @@ def _checkpoint_files(path: Path, allow_pickle: bool) -> list[Path]:
     return files
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """FP8 e4m3 weight times its per-128x128-block scale; edge blocks of any shape are cropped."""
+def fp8_block_size(hf_config: dict) -> tuple[int, int]:
+    """The (rows, cols) scale block of a config.json's `quantization_config.weight_block_size`, 128x128 when absent."""
+    block = (hf_config.get("quantization_config") or {}).get("weight_block_size") or FP8_BLOCK_SIZE
+    if not isinstance(block, (list, tuple)) or len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+        raise ValueError(f"quantization_config.weight_block_size must be two positive integers, got {block!r}")
+    return tuple(block)
+
+
+def fp8_scale_mismatch(weight: torch.Tensor, scale_inv: torch.Tensor, block_size: Sequence[int]) -> str | None:
+    """Why `scale_inv` is not the per-block scale grid of `weight`, or None when it is.
+
+    Cropping or broadcasting a scale of another shape would load wrong values without a word.
+    """
+    if weight.ndim != 2:
+        return f"the weight of shape {tuple(weight.shape)} is not a matrix"
     rows, cols = weight.shape
-    scale = scale_inv.float().repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:rows, :cols]
+    expected = (-(-rows // block_size[0]), -(-cols // block_size[1]))
+    if tuple(scale_inv.shape) != expected:
+        return (
+            f"scale of shape {tuple(scale_inv.shape)}, expected {expected} for a {rows}x{cols} weight in "
+            f"{block_size[0]}x{block_size[1]} blocks (quantization_config.weight_block_size)"
+        )
+    return None
+
+
+def dequantize_fp8(
+    weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, block_size: Sequence[int] = FP8_BLOCK_SIZE
+) -> torch.Tensor:
+    """FP8 weight times its per-block scale (ceil(rows/b0), ceil(cols/b1)); edge blocks are cropped."""
+    mismatch = fp8_scale_mismatch(weight, scale_inv, block_size)
+    if mismatch:
+        raise ValueError(mismatch)
+    rows, cols = weight.shape
+    scale = scale_inv.float().repeat_interleave(block_size[0], 0).repeat_interleave(block_size[1], 1)[:rows, :cols]
     return (weight.float() * scale).to(dtype)
 
 
@@ -102,9 +134,16 @@ def strip_language_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def dequantize_all(
-    tensors: dict[str, torch.Tensor], dtype: torch.dtype, problems: list[str]
+    tensors: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    problems: list[str],
+    block_size: Sequence[int] = FP8_BLOCK_SIZE,
 ) -> dict[str, torch.Tensor]:
-    """Every FP8 weight with a `weight_scale_inv` becomes `dtype`; an orphan scale is recorded in `problems`."""
+    """Every weight with a fitting `weight_scale_inv` becomes `dtype`: its values times their block's scale.
+
+    Recorded in `problems`, and dropped, so the final report lists them: a scale without its weight, a scale whose
+    shape is not the weight's block grid, and an FP8 weight without a scale (unscaled, its values are meaningless).
+    """
     out = dict(tensors)
     for key in [k for k in tensors if k.endswith(".weight_scale_inv")]:
         weight_key = key.removesuffix("_scale_inv")
@@ -112,7 +151,14 @@ def dequantize_all(
         if weight_key not in out:
             problems.append(f"{key} has no matching {weight_key}")
             continue
-        out[weight_key] = dequantize_fp8(out[weight_key], scale, dtype)
+        mismatch = fp8_scale_mismatch(out[weight_key], scale, block_size)
+        if mismatch:
+            problems.append(f"{key}: {mismatch}")
+            del out[weight_key]
+            continue
+        out[weight_key] = dequantize_fp8(out[weight_key], scale, dtype, block_size)
+    for key in [k for k, v in out.items() if v.dtype in _FP8_DTYPES]:
+        problems.append(f"{key} is FP8 ({out.pop(key).dtype}) but has no {key}_scale_inv")
     return out
 
 
@@ -196,13 +242,20 @@ def check_tensors(
         raise CheckpointMismatchError(title + "\n" + "\n".join(parts))
 
 
-def load_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Check names and shapes against the model, then copy. One error lists every problem."""
+def load_into(
+    model: nn.Module, tensors: dict[str, torch.Tensor], weight_block_size: Sequence[int] = FP8_BLOCK_SIZE
+) -> None:
+    """Check names and shapes against the model, then copy. One error lists every problem.
+
+    `weight_block_size` is the FP8 scale block of the checkpoint (see `fp8_block_size`).
+    """
     config = model.config
     dtype = model.dtype
     problems: list[str] = []
     target_dtype = dtype if dtype.is_floating_point else torch.bfloat16
-    tensors = fuse_experts(dequantize_all(strip_language_prefix(tensors), target_dtype, problems), problems)
+    tensors = fuse_experts(
+        dequantize_all(strip_language_prefix(tensors), target_dtype, problems, weight_block_size), problems
+    )
     tensors = rename_mtp_layers(tensors, config.num_hidden_layers, keep=len(model.mtp_layers) > 0)
     if config.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
         # One shared parameter answers to both names; the embedding is the source of truth.

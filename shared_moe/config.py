@@ -84,10 +84,35 @@ class MoEConfig:
         rope_type = self.rope_parameters.get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_type {rope_type!r} is not supported; expected one of {ROPE_TYPES}")
-        if self.n_routed_experts and self.n_routed_experts % self.n_group:
-            raise ValueError(f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}")
+        if self.n_routed_experts:
+            self._check_router()
         if not self.use_mla and self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    def _check_router(self) -> None:
+        """Reject routers that cannot pick num_experts_per_tok experts: torch.topk would fail at the first forward,
+        or (group-limited) quietly pick experts of excluded groups with a -inf score."""
+        experts, top_k = self.n_routed_experts, self.num_experts_per_tok
+        if top_k > experts:
+            raise ValueError(f"num_experts_per_tok={top_k} is larger than n_routed_experts={experts}")
+        if experts % self.n_group:
+            raise ValueError(f"n_routed_experts={experts} is not divisible by n_group={self.n_group}")
+        if self.topk_method == "greedy":
+            return  # groups are not used
+        if self.topk_group > self.n_group:
+            raise ValueError(f"topk_group={self.topk_group} is larger than n_group={self.n_group}")
+        per_group = experts // self.n_group
+        if top_k > self.topk_group * per_group:
+            raise ValueError(
+                f"num_experts_per_tok={top_k} is larger than the {self.topk_group * per_group} experts in the "
+                f"topk_group={self.topk_group} groups a {self.topk_method} router keeps "
+                f"(n_routed_experts={experts} / n_group={self.n_group} = {per_group} per group)"
+            )
+        if self.topk_method == "noaux_tc" and self.n_group > 1 and per_group < 2:
+            raise ValueError(
+                f"noaux_tc scores each group by its top-2 experts, but n_routed_experts={experts} / "
+                f"n_group={self.n_group} leaves {per_group} per group"
+            )
 
     # ---- derived sizes -------------------------------------------------------------------
     @property

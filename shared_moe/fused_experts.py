@@ -12,7 +12,8 @@ not depend on the thread count.)
 
 Used by `moe.Experts` when its grouped GEMM resolves to the oneDNN kernel and the AVX-512 row kernels run
 (eager CPU, fp32 or bf16). Once differentiable, like the oneDNN grouped GEMM: for double backward set each
-layer's backend (an instance attribute): `for layer in model.moe_layers(): layer.experts.gemm_backend = "grouped_mm"`.
+layer's backend (an instance attribute): `for layer in model.moe_layers(): layer.experts.gemm_backend = "grouped_mm"`
+("padded_bmm" where the widths are not 16-byte aligned).
 """
 
 from __future__ import annotations

@@ -13,8 +13,10 @@ by `grouped_linear(..., backend="auto")`:
   expert (torch's CPU `_grouped_mm` runs MKL per group in fp32; in bf16 `at::mm` is oneDNN and the op calls
   it), with a hand-written backward. The op is built on first use (cpu_ext.py); without a C++ compiler the
   layer falls back to `grouped_mm` with one warning.
-* `grouped_mm`: `torch._grouped_mm`, when rows and weights meet its 16-byte stride rule (GPU, CPU fallback).
-* `padded_bmm`: every other shape: scatter into an (E, max_count, in) buffer, one `bmm`, gather back.
+* `grouped_mm`: `torch._grouped_mm`, when rows and weights meet its 16-byte stride rule (GPU, CPU fallback) and,
+  under torch.compile, are bf16 or fp16 (its meta kernel rejects fp32). Chosen explicitly for other tensors, it
+  raises a ValueError that names `padded_bmm`.
+* `padded_bmm`: every other case: scatter into an (E, max_count, in) buffer, one `bmm`, gather back.
 
 `grouped_linear_gathered`: the same on the rows x[token_ids]. The oneDNN op gathers them one expert at a time,
 so the (rows, in) copy is neither built nor saved for backward (a quarter of a MoE layer's saved activations).
@@ -116,7 +118,8 @@ class OneDNNGroupedLinear(torch.autograd.Function):
     """Forward and backward as grouped oneDNN matmuls; the weight gradient comes out in the weight's own layout.
 
     Once differentiable: for double backward through the experts, set each layer's backend (an instance
-    attribute): `for layer in model.moe_layers(): layer.experts.gemm_backend = "grouped_mm"`.
+    attribute): `for layer in model.moe_layers(): layer.experts.gemm_backend = "grouped_mm"` ("padded_bmm" where
+    the widths are not 16-byte aligned).
     """
 
     @staticmethod
@@ -161,6 +164,26 @@ class OneDNNGatheredGroupedLinear(torch.autograd.Function):
         return grad_x, None, grad_weight, None
 
 
+_GROUPED_MM_TRACED_DTYPES = (torch.bfloat16, torch.float16)  # torch._grouped_mm's meta kernel takes only these
+
+
+def grouped_mm_unsupported(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why `torch._grouped_mm` cannot run rows x against weight (E, out, in), or None when it can."""
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm"
+    out_features, in_features = weight.shape[1:]
+    if (in_features * x.element_size()) % 16 or (out_features * x.element_size()) % 16:
+        return (
+            f"the shape is not aligned: rows of in_features={in_features} and out_features={out_features} "
+            f"{x.dtype} values are not both multiples of 16 bytes (torch._grouped_mm's stride rule)"
+        )
+    if not weight.is_contiguous():
+        return "the weight is not contiguous"
+    if torch.compiler.is_compiling() and x.dtype not in _GROUPED_MM_TRACED_DTYPES:
+        return f"torch.compile traces torch._grouped_mm only in bfloat16 and float16, not {x.dtype}"
+    return None
+
+
 def pick_backend(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> str:
     """The kernel `grouped_linear` will run for these tensors."""
     if backend not in BACKENDS:
@@ -169,11 +192,7 @@ def pick_backend(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -
         return backend
     if eager_cpu(x) and x.dtype in (torch.float32, torch.bfloat16) and onednn_available():
         return "onednn"
-    out_features, in_features = weight.shape[1:]
-    aligned = (in_features * x.element_size()) % 16 == 0 and (out_features * x.element_size()) % 16 == 0
-    if aligned and hasattr(torch, "_grouped_mm") and weight.is_contiguous():
-        return "grouped_mm"
-    return "padded_bmm"
+    return "padded_bmm" if grouped_mm_unsupported(x, weight) else "grouped_mm"
 
 
 def grouped_linear(
@@ -186,8 +205,19 @@ def grouped_linear(
             raise RuntimeError("the oneDNN grouped GEMM could not be built here; use backend='auto' or 'grouped_mm'")
         return OneDNNGroupedLinear.apply(x, weight, offsets.tolist())
     if chosen == "grouped_mm":
+        _check_grouped_mm(x, weight)
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
     return padded_bmm(x, weight.transpose(1, 2), counts, offsets)
+
+
+def _check_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """A chosen "grouped_mm" that cannot run fails here with the way out, not deep inside torch."""
+    reason = grouped_mm_unsupported(x, weight)
+    if reason:
+        raise ValueError(
+            f'grouped GEMM backend "grouped_mm" cannot run a weight of shape {tuple(weight.shape)}: {reason}; '
+            'use "padded_bmm", which runs any shape and also supports a double backward'
+        )
 
 
 def grouped_linear_gathered(

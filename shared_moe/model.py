@@ -7,6 +7,7 @@ Multi-token-prediction modules live in `mtp_layers` and map to `model.layers.{nu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 
 from .attention import MultiHeadAttention, MultiHeadLatentAttention, attention_bias
 from .cache import Cache
-from .checkpoint import load_into, save_pretrained
+from .checkpoint import FP8_BLOCK_SIZE, load_into, save_pretrained
 from .config import MoEConfig
 from .gemm import Linear
 from .generation import generate, stream
@@ -42,9 +43,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, rope, mask, cache):
+    def forward(self, x, rope, mask, cache, attention_mask=None):
+        """`mask` is the additive attention bias; `attention_mask` (B, T) marks this call's real tokens (1) and
+        padding (0) for the MoE's expert-load counts."""
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, attention_mask) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class MTPLayer(DecoderLayer):
@@ -64,10 +68,12 @@ class MTPLayer(DecoderLayer):
         self.shared_head.norm = RMSNorm(d, config.rms_norm_eps)
         self.shared_head.head = Linear(d, config.vocab_size, bias=False)
 
-    def predict(self, token_embeds, prev_hidden, rope, mask, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(
+        self, token_embeds, prev_hidden, rope, mask, cache, attention_mask=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (logits, hidden) for the positions of `prev_hidden`."""
         x = self.eh_proj(torch.cat([self.enorm(token_embeds), self.hnorm(prev_hidden)], dim=-1))
-        hidden = super().forward(x, rope, mask, cache)
+        hidden = super().forward(x, rope, mask, cache, attention_mask)
         return self.shared_head.head(self.shared_head.norm(hidden)), hidden
 
 
@@ -157,22 +163,28 @@ class MoEForCausalLM(nn.Module):
             cache = self.new_cache()
         past = cache.seq_len if cache is not None else 0
         rope, mask = self.positions_and_mask(batch, length, past, attention_mask, position_ids, x.dtype)
+        new_tokens_mask = attention_mask[:, past : past + length] if attention_mask is not None else None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, rope, mask, cache.layers[i] if cache is not None else None)
+            x = layer(x, rope, mask, cache.layers[i] if cache is not None else None, new_tokens_mask)
         hidden = self.model.norm(x)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return CausalLMOutput(logits=logits, cache=cache, last_hidden_state=hidden)
 
-    def mtp_logits(self, input_ids: torch.Tensor, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:
+    def mtp_logits(
+        self, input_ids: torch.Tensor, hidden: torch.Tensor, depth: int = 0, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits (B, T - 1, V) of MTP module `depth`: position i predicts token i + 2.
 
-        `hidden` is the main model's `last_hidden_state` for `input_ids` (B, T). Used for training the
-        MTP module (cross-entropy against input_ids[:, 2:] plus the next token) and for inspection.
+        `hidden` is the main model's `last_hidden_state` for `input_ids` (B, T), and `attention_mask` (B, T) the
+        mask given to that forward (1 = real, 0 = padding). Position i takes the mask and RoPE position of hidden
+        state i, so padded rows give the same logits at their real positions as unpadded ones. Used for training
+        the MTP module (cross-entropy against input_ids[:, 2:] plus the next token) and for inspection.
         """
         batch, length = input_ids.shape
-        rope, mask = self.positions_and_mask(batch, length - 1, 0, None, None, hidden.dtype)
+        mtp_mask = attention_mask[:, : length - 1] if attention_mask is not None else None
+        rope, mask = self.positions_and_mask(batch, length - 1, 0, mtp_mask, None, hidden.dtype)
         embeds = self.model.embed_tokens(input_ids[:, 1:])
-        logits, _ = self.mtp_layers[depth].predict(embeds, hidden[:, :-1], rope, mask, None)
+        logits, _ = self.mtp_layers[depth].predict(embeds, hidden[:, :-1], rope, mask, None, mtp_mask)
         return logits
 
     # ---- generation (implemented in generation.py) ----------------------------------------
@@ -197,6 +209,11 @@ class MoEForCausalLM(nn.Module):
         """Write a Hugging Face checkpoint folder (config.json + model.safetensors, per-expert keys)."""
         save_pretrained(self, path)
 
-    def load_hf_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Load Hugging Face-named tensors (per-expert or fused experts, FP8 blocks, MTP layers)."""
-        load_into(self, tensors)
+    def load_hf_state_dict(
+        self, tensors: dict[str, torch.Tensor], weight_block_size: Sequence[int] = FP8_BLOCK_SIZE
+    ) -> None:
+        """Load Hugging Face-named tensors (per-expert or fused experts, FP8 blocks, MTP layers).
+
+        `weight_block_size` is the FP8 checkpoint's `quantization_config.weight_block_size`.
+        """
+        load_into(self, tensors, weight_block_size)

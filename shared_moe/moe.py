@@ -93,7 +93,8 @@ class Experts(nn.Module):
 
     `gemm_backend` picks the grouped GEMM kernel (see `gemm.BACKENDS`); "auto" chooses per device and dtype, and
     where it resolves to oneDNN on an AVX-512 CPU the whole chain runs as the fused op of `fused_experts.py`.
-    Those kernels are once-differentiable; "grouped_mm" supports a double backward. It is set per layer:
+    Those kernels are once-differentiable; "grouped_mm" supports a double backward, and so does "padded_bmm", which
+    also runs widths that are not 16-byte aligned (where "grouped_mm" raises). It is set per layer:
     `for layer in model.moe_layers(): layer.experts.gemm_backend = "grouped_mm"`.
     """
 
@@ -119,7 +120,7 @@ class Experts(nn.Module):
 
 
 class MoE(Fp32BuffersMixin):
-    """Shared experts + routed experts. Counts tokens per expert while training for aux-loss-free balancing."""
+    """Shared experts + routed experts. Counts tokens per expert in training forwards for aux-loss-free balancing."""
 
     fp32_buffers = ("tokens_per_expert",)
 
@@ -135,17 +136,37 @@ class MoE(Fp32BuffersMixin):
         counts = torch.zeros(config.n_routed_experts, dtype=torch.float32, device="cpu")
         self.register_buffer("tokens_per_expert", counts, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., d). `attention_mask` (x.shape[:-1]; 1 = real token, 0 = padding) only decides which tokens
+        `tokens_per_expert` counts; every token is computed."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         _, weights, indices = self.gate(flat)
-        if self.training:
-            with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(indices.reshape(-1), minlength=len(self.tokens_per_expert))
+        if self._counts_tokens():
+            self._count(indices, attention_mask)
         out = self.experts(flat, indices, weights).view(shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
+
+    def _counts_tokens(self) -> bool:
+        """Whether this forward is a training step whose expert loads `update_expert_bias` should see.
+
+        That is: train() mode with autograd on, so generate() and evaluation (both under no_grad) do not count
+        on a model left in train() mode; and no torch.func transform active, since those forbid updating a
+        captured buffer in place (their forwards are not counted).
+        """
+        return self.training and torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
+
+    @torch.no_grad()
+    def _count(self, indices: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Adds the real tokens' expert choices to tokens_per_expert; padding goes to an extra bin that is dropped
+        (a fixed-shape mask, not a boolean selection, keeps the shapes static)."""
+        num_experts = len(self.tokens_per_expert)
+        if attention_mask is not None:
+            padding = attention_mask.reshape(-1, 1) == 0
+            indices = indices.masked_fill(padding, num_experts)
+        self.tokens_per_expert += torch.bincount(indices.reshape(-1), minlength=num_experts + 1)[:num_experts]
 
     @torch.no_grad()
     def update_expert_bias(self, rate: float = 1e-3, recenter: bool = True) -> None:

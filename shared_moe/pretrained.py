@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import mtp_layer_count, read_safetensors, strip_language_prefix
+from .checkpoint import fp8_block_size, mtp_layer_count, read_safetensors, strip_language_prefix
 from .config import MoEConfig
 from .model import MoEForCausalLM
 
@@ -49,7 +49,7 @@ def from_pretrained(
     """Load a DeepSeek LLM / DeepSeekMoE / V2 / V3 / VL2-language checkpoint from a local folder.
 
     dtype (a torch.dtype or its name) defaults to the checkpoint's dtype, as does "auto" (bf16 for FP8
-    checkpoints); device defaults to CPU.
+    checkpoints, dequantised in blocks of their `quantization_config.weight_block_size`); device defaults to CPU.
     Multi-token-prediction layers are loaded when the checkpoint has them and `load_mtp` is set.
     """
     path = Path(path)
@@ -71,5 +71,5 @@ def from_pretrained(
     model = model.to_empty(device=device).to(dtype)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.load_hf_state_dict(tensors)
+    model.load_hf_state_dict(tensors, fp8_block_size(raw_config))
     return model.eval()

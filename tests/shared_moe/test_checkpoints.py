@@ -11,16 +11,22 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import shared_moe
-from shared_moe.checkpoint import FP8_BLOCK, CheckpointMismatchError, dequantize_fp8, read_safetensors
+from shared_moe.checkpoint import (
+    FP8_BLOCK_SIZE,
+    CheckpointMismatchError,
+    dequantize_fp8,
+    fp8_block_size,
+    read_safetensors,
+)
 
 
-def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference block quantiser: per 128x128 block, scale = amax / 448 (e4m3 max)."""
+def quantize_fp8(weight: torch.Tensor, block: tuple[int, int] = FP8_BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference block quantiser: per block (128x128 by default), scale = amax / 448 (e4m3 max)."""
     rows, cols = weight.shape
-    br, bc = -(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK)
-    padded = torch.zeros(br * FP8_BLOCK, bc * FP8_BLOCK)
+    br, bc = -(-rows // block[0]), -(-cols // block[1])
+    padded = torch.zeros(br * block[0], bc * block[1])
     padded[:rows, :cols] = weight.float()
-    blocks = padded.view(br, FP8_BLOCK, bc, FP8_BLOCK)
+    blocks = padded.view(br, block[0], bc, block[1])
     scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
     q = (blocks / scale[:, None, :, None]).view_as(padded)[:rows, :cols].to(torch.float8_e4m3fn)
     return q, scale
@@ -33,7 +39,7 @@ def test_fp8_dequantisation_of_non_multiple_of_128_shape():
     restored = dequantize_fp8(q, scale, torch.bfloat16)
     assert restored.shape == (200, 300) and restored.dtype == torch.bfloat16
     # e4m3 keeps 3 mantissa bits: relative error <= 2^-4, plus the subnormal step 2^-9 (scaled).
-    step = scale.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:200, :300] * 2.0**-9
+    step = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:200, :300] * 2.0**-9
     error = (restored.float() - weight.float()).abs()
     bound = weight.float().abs() * 2.0**-4 + step + weight.float().abs() * 2.0**-8
     assert bool((error <= bound).all())
@@ -52,27 +58,74 @@ def loaded_weight(model: torch.nn.Module, key: str) -> torch.Tensor:
     return gate if proj == "gate" else up
 
 
-def test_fp8_checkpoint_loads_to_bf16_values(tiny_checkpoint):
-    hf, folder = tiny_checkpoint("v3", hidden_size=200, intermediate_size=300, num_attention_heads=4)
+FP8_KEY = "model.layers.0.mlp.down_proj.weight"  # (200, 300): edge blocks in both directions
+
+
+def fp8_checkpoint(tiny_checkpoint, block: tuple[int, int] = FP8_BLOCK_SIZE, write_block_size: bool = True):
+    """A tiny V3 checkpoint with every projection block-quantised like DeepSeek-V3's release.
+
+    Returns (folder, the tensors written, the bf16 originals); re-save the tensors after changing them.
+    """
+    _, folder = tiny_checkpoint("v3", hidden_size=200, intermediate_size=300, num_attention_heads=4)
     tensors = load_file(folder / "model.safetensors")
     originals = {}
     for key in [k for k, v in tensors.items() if v.ndim == 2 and "proj" in k and "layernorm" not in k]:
         originals[key] = tensors[key].to(torch.bfloat16)
-        tensors[key], tensors[key + "_scale_inv"] = quantize_fp8(originals[key])
-    assert tensors["model.layers.0.mlp.down_proj.weight"].shape == (200, 300)
+        tensors[key], tensors[key + "_scale_inv"] = quantize_fp8(originals[key], block)
+    assert tensors[FP8_KEY].shape == (200, 300)
     save_file(tensors, folder / "model.safetensors")
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3"}
+    if write_block_size:
+        config["quantization_config"]["weight_block_size"] = list(block)
     config.pop("dtype", None)
     (folder / "config.json").write_text(json.dumps(config))
+    return folder, tensors, originals
 
+
+@pytest.mark.parametrize(
+    "block,write_block_size", [((128, 128), True), ((128, 128), False), ((64, 32), True)],
+    ids=["128x128", "absent-128x128", "64x32"],
+)
+def test_fp8_checkpoint_loads_to_bf16_values_in_its_block_size(tiny_checkpoint, block, write_block_size):
+    """Blocks of quantization_config.weight_block_size (128x128 when absent, as in DeepSeek-V3)."""
+    folder, tensors, originals = fp8_checkpoint(tiny_checkpoint, block, write_block_size)
     model = shared_moe.from_pretrained(folder)
     assert model.dtype == torch.bfloat16
     for key, original in originals.items():
         loaded = loaded_weight(model, key).float()
-        expected = dequantize_fp8(tensors[key], tensors[key + "_scale_inv"], torch.bfloat16).float()
+        expected = dequantize_fp8(tensors[key], tensors[key + "_scale_inv"], torch.bfloat16, block).float()
         assert torch.equal(loaded, expected), key
         assert (loaded - original.float()).abs().max() <= original.float().abs().max() * 2.0**-4 + 1e-6
+
+
+def test_fp8_weight_without_its_scale_is_reported(tiny_checkpoint):
+    folder, tensors, _ = fp8_checkpoint(tiny_checkpoint)
+    del tensors[FP8_KEY + "_scale_inv"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointMismatchError, match=re.escape(f"{FP8_KEY} is FP8 (torch.float8_e4m3fn) but has no")):
+        shared_moe.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("scale_shape", [(5, 5), (1, 2), (6,), ()], ids=["larger", "smaller", "1d", "scalar"])
+def test_fp8_scale_of_the_wrong_shape_is_reported(tiny_checkpoint, scale_shape):
+    """Cropping a larger grid, or broadcasting a per-tensor scale, would load wrong values silently."""
+    folder, tensors, _ = fp8_checkpoint(tiny_checkpoint)
+    tensors[FP8_KEY + "_scale_inv"] = torch.ones(scale_shape)
+    save_file(tensors, folder / "model.safetensors")
+    expected = f"{FP8_KEY}_scale_inv: scale of shape {scale_shape}, expected (2, 3) for a 200x300 weight"
+    with pytest.raises(CheckpointMismatchError, match=re.escape(expected)):
+        shared_moe.from_pretrained(folder)
+
+
+def test_fp8_scale_grid_follows_the_block_size_and_bad_block_sizes_raise():
+    q, scale = quantize_fp8(torch.randn(200, 300), (64, 64))
+    with pytest.raises(ValueError, match=re.escape("expected (2, 3) for a 200x300 weight in 128x128 blocks")):
+        dequantize_fp8(q, scale, torch.bfloat16)
+    assert fp8_block_size({"quantization_config": {"weight_block_size": [64, 32]}}) == (64, 32)
+    assert fp8_block_size({}) == (128, 128)
+    with pytest.raises(ValueError, match="weight_block_size must be two positive integers"):
+        fp8_block_size({"quantization_config": {"weight_block_size": [128]}})
 
 
 def test_sharded_checkpoint_with_index(tiny_checkpoint, tmp_path):

@@ -115,3 +115,25 @@ def test_missing_model_type_comes_from_architectures_or_raises():
     for architectures in ([], ["GPT2LMHeadModel"]):
         with pytest.raises(ValueError, match="no model_type.*deepseek_v3"):
             MoEConfig.from_hf({**without_type, "architectures": architectures})
+
+
+ROUTER = dict(model_type="deepseek_v3", hidden_size=16, n_routed_experts=8, moe_intermediate_size=8, n_group=4,
+              topk_group=2, num_experts_per_tok=2, topk_method="noaux_tc", scoring_func="sigmoid")
+GROUP_LIMITED = dict(model_type="deepseek_v2", topk_method="group_limited_greedy", scoring_func="softmax")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"num_experts_per_tok": 9, "n_group": 1, "topk_group": 1}, "num_experts_per_tok=9 is larger than n_routed_"),
+    ({"n_group": 2, "topk_group": 3}, "topk_group=3 is larger than n_group=2"),
+    ({"topk_group": 1, "num_experts_per_tok": 3}, "num_experts_per_tok=3 is larger than the 2 experts in the"),
+    ({**GROUP_LIMITED, "topk_group": 1, "num_experts_per_tok": 3}, "larger than the 2 experts.*group_limited_greedy"),
+    ({"n_group": 8, "topk_group": 4}, "noaux_tc scores each group by its top-2 experts.*n_group=8 leaves 1 per group"),
+], ids=["top_k>experts", "topk_group>n_group", "top_k>kept", "top_k>kept-group-limited", "one-expert-groups"])
+def test_router_configs_that_cannot_route_raise(overrides, message):
+    """Each failed in torch.topk at the first forward, or routed to experts of excluded groups without a word."""
+    with pytest.raises(ValueError, match=message):
+        MoEConfig(**{**ROUTER, **overrides})
+
+
+def test_greedy_router_ignores_the_group_fields():
+    assert MoEConfig(**{**ROUTER, "topk_method": "greedy", "topk_group": 8}).topk_group == 8

@@ -228,3 +228,21 @@ def test_onednn_handles_no_rows_at_all():
     assert out.shape == (0, 8)
     out.sum().backward()
     assert torch.equal(weight.grad, torch.zeros_like(weight)) and x.grad.shape == (0, 16)
+
+
+def test_compiled_fp32_grouped_gemm_avoids_grouped_mm():
+    """torch._grouped_mm's meta kernel takes only bf16/fp16, so "auto" must not trace it in fp32."""
+    torch._dynamo.reset()
+    x, weight, counts, offsets = inputs(16, 24)
+    compiled = torch.compile(grouped_linear, backend="aot_eager")
+    got = compiled(x.detach(), weight.detach(), counts, offsets)
+    assert (got - per_expert_reference(x, weight, COUNTS)).abs().max() < 1e-5
+
+
+def test_explicit_grouped_mm_on_unaligned_widths_names_padded_bmm():
+    """30 fp32 values are 120 bytes, not a multiple of 16: torch would fail with a bare stride error."""
+    x, weight, counts, offsets = inputs(30, 24)
+    with pytest.raises(ValueError, match=r'shape \(6, 24, 30\).*not aligned.*in_features=30.*"padded_bmm"'):
+        grouped_linear(x, weight, counts, offsets, "grouped_mm")
+    got = grouped_linear(x, weight, counts, offsets, "padded_bmm")
+    assert (got - per_expert_reference(x, weight, COUNTS)).abs().max() < 1e-5

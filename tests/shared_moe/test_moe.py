@@ -146,6 +146,41 @@ def test_expert_bias_update_moves_towards_balance():
     assert moe.tokens_per_expert.sum() == 0  # counted only while training
 
 
+def random_moe(**overrides) -> MoE:
+    moe = MoE(moe_config(**overrides))
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    return moe
+
+
+def test_expert_counts_skip_padding_and_no_grad_forwards():
+    """Padding would inflate the load of whatever experts pad tokens route to; generate() runs under no_grad."""
+    moe = random_moe().train()
+    x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(5))
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+    moe(x, attention_mask)
+    _, _, indices = moe.gate(x.reshape(-1, 32))
+    expected = torch.bincount(indices[attention_mask.reshape(-1) == 1].reshape(-1), minlength=8)
+    assert torch.equal(moe.tokens_per_expert, expected.float())
+    with torch.no_grad():
+        moe(x, attention_mask)
+    assert torch.equal(moe.tokens_per_expert, expected.float())
+
+
+def test_torch_func_grad_works_in_train_mode_and_does_not_count():
+    """torch.func forbids the in-place count update of a captured buffer, so transformed forwards do not count."""
+    moe = random_moe().train()
+    x = torch.randn(10, 32, generator=torch.Generator().manual_seed(6))
+    params = dict(moe.named_parameters())
+    grads = torch.func.grad(lambda p: torch.func.functional_call(moe, p, (x,)).square().sum())(params)
+    assert moe.tokens_per_expert.sum() == 0
+    expected = torch.autograd.grad(moe(x).square().sum(), list(params.values()))
+    for (name, got), want in zip(grads.items(), expected):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), name
+
+
 def test_absorbed_and_expanded_mla_agree():
     config = moe_config(hidden_size=48, num_attention_heads=3, kv_lora_rank=24, qk_nope_head_dim=8,
                         qk_rope_head_dim=4, v_head_dim=12, q_lora_rank=16)

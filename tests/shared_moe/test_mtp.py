@@ -84,3 +84,20 @@ def test_use_mtp_equals_greedy_for_any_length_and_takes_generate_arguments(tiny_
         model.generate(torch.tensor([[0, 6, 7]]), 3, use_mtp=True, pad_token_id=0)
     with pytest.raises(ValueError, match="prompt has no tokens"):
         model.generate(torch.empty(1, 0, dtype=torch.long), 3, use_mtp=True)
+
+
+def test_mtp_logits_of_left_padded_rows_equal_unpadded(tiny_checkpoint, add_mtp_layer):
+    """With the forward's attention mask the MTP block neither attends to padding nor shifts its RoPE positions."""
+    _, folder = tiny_checkpoint("v3", num_nextn_predict_layers=1)
+    add_mtp_layer(folder)
+    model = shared_moe.from_pretrained(folder)
+    ids = torch.randint(2, 96, (1, 10), generator=torch.Generator().manual_seed(0))
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], dim=1)
+    attention_mask = (torch.arange(14) >= 4).long()[None]
+    with torch.no_grad():
+        hidden = model(ids, use_cache=False).last_hidden_state
+        padded_hidden = model(padded, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        expected = model.mtp_logits(ids, hidden)
+        got = model.mtp_logits(padded, padded_hidden, attention_mask=attention_mask)
+    assert got.shape == (1, 13, 96)
+    assert (got[:, 4:] - expected).abs().max() < 1e-4

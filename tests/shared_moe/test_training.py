@@ -46,3 +46,21 @@ def test_documented_grouped_mm_switch_allows_a_double_backward(tiny_checkpoint):
     grad.square().sum().backward()
     experts = model.moe_layers()[0].experts
     assert experts.gate_up_proj.grad.abs().sum() > 0 and experts.down_proj.grad.abs().sum() > 0
+
+
+def test_expert_counts_take_only_real_tokens_and_skip_generation(tiny_checkpoint):
+    """The model hands its attention mask to every MoE layer; generate() on a model left in train() counts nothing."""
+    _, folder = tiny_checkpoint("v3")
+    model = shared_moe.from_pretrained(folder).train()
+    ids = torch.randint(2, 96, (3, 8), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, :5] = 0  # left padding
+    attention_mask[1, 6:] = 0  # right padding
+    model(ids, attention_mask=attention_mask, use_cache=False)
+    top_k = model.config.num_experts_per_tok
+    counted = [int(layer.tokens_per_expert.sum()) for layer in model.moe_layers()]
+    assert counted == [int(attention_mask.sum()) * top_k] * 2
+    for layer in model.moe_layers():
+        layer.tokens_per_expert.zero_()
+    model.generate(ids[2:], max_new_tokens=4)
+    assert all(layer.tokens_per_expert.sum() == 0 for layer in model.moe_layers())
