@@ -162,7 +162,9 @@ def _prove_tab(prove: ProveService, openai_url: str, openai_model: str) -> None:
             yield _report_outputs(report)
 
     def on_decompose(v: str, name: str, text: str, strat: str, n: float):
-        return _report_outputs(prove.decompose(v, name, text, strat, int(n)))
+        # A generator, like on_prove: Stop closes it, which stops the decomposition's Lean work.
+        for report in prove.decompose(v, name, text, strat, int(n)):
+            yield _report_outputs(report)
 
     outputs = [verdict, table, checked]
     variant.change(on_variant, [variant], [problem, statement], queue=False)

@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # an unreadable --backend-config
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if prove.checker is None and (args.backend or args.repl_cmd or args.kimina_url or args.backend_config):
+        # A Lean backend was asked for but cannot be used (e.g. LeanDojo not installed): the tab shows why.
+        print(f"warning: no Lean backend: {prove.backend_text.splitlines()[0]}", file=sys.stderr)
     if args.vl_model or args.random_tiny_vl:
         print("loading the vision-language model ...", file=sys.stderr, flush=True)
     chat = load_chat_engine(args)

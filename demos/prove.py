@@ -9,16 +9,28 @@ configured the tab shows the prover's own setup message and never reports a proo
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from prover.backends import BackendConfig, BackendNotConfigured, make_backend
 from prover.checker import CheckConfig, Checker
 from prover.dataset import DEFAULT_HEADER, VARIANT_FILES, Problem, load_few_shot, load_minif2f
-from prover.decompose import DecomposeConfig, DecompositionError, Ledger, parse_sketch, prove_by_decomposition, subgoals
+from prover.decompose import (
+    DecomposeConfig,
+    DecompositionError,
+    Ledger,
+    Subgoal,
+    parse_sketch,
+    prove_by_decomposition,
+    subgoals,
+)
 from prover.generators import GenerationError, Generator, OpenAIConfig, OpenAIGenerator, PortfolioGenerator
-from prover.leantext import find_top_level
+from prover.leantext import find_top_level, split_header
 from prover.pinning import Candidate, PinError, decl_pattern
 from prover.prompts import STYLES
 from prover.textguard import blank_comments_and_strings, scan
@@ -80,32 +92,66 @@ def make_checker(settings: LeanSettings) -> tuple[Checker | None, str]:
 
 # --- pasted theorems -------------------------------------------------------------------------------
 def problem_from_text(text: str) -> Problem:
-    """A Problem stated by pasted Lean: its first `theorem`/`lemma` up to `:= by`.
+    """A Problem stated by pasted Lean: its last top-level `theorem`/`lemma`, up to `:= by`.
 
+    Only helper lemmas may precede the pasted theorem (the statement pin refuses anything else), so the
+    last declaration is the user's theorem: the one that is named, pinned and audited.
     Header: the pasted `import`/`open`/`set_option` lines when it has imports, otherwise the miniF2F
     header plus any pasted `open`/`set_option` lines. Everything else before the theorem stays in
     the candidate, where the statement pin allows only helper lemmas.
     """
     blanked = blank_comments_and_strings(text)
-    decl = _DECL.search(blanked)
+    decl = _last_decl(blanked)
     if decl is None:
         raise ValueError("no `theorem NAME ... := by` found in the pasted text")
     name = decl.group(1)
     assign = find_top_level(blanked, ":=", decl.start())
     if assign < 0 or not re.match(r":=\s*by(?![\w'])", blanked[assign:]):
         raise ValueError(f"`{name}` must be stated as `theorem {name} ... := by` (a tactic proof)")
-    lines = [line for line in text[: decl.start()].splitlines() if _HEADER_LINE.match(line)]
-    if any(line.startswith("import") for line in lines):
-        header = "\n".join(lines) + "\n\n"
-    else:
-        header = DEFAULT_HEADER + "".join(line + "\n" for line in lines if line not in DEFAULT_HEADER)
+    header = _pasted_header(text[: decl.start()], blanked[: decl.start()])
     statement = text[decl.start() : assign].strip() + " := by\n"
     # The pasted header and statement become the trusted part of the checked file, so they pass the
     # same text layer as proofs: no `set_option debug.*` in the header, no `sorry` inside a hypothesis.
-    findings = scan(header + statement)
+    # The leading import lines only choose the environment (as in `Checker.check_unpinned`), so they are
+    # not scanned: `import Mathlib.Tactic` names the meta API but runs nothing.
+    _, after_imports, _ = split_header(header)
+    findings = scan(after_imports + statement)
     if findings:
         raise ValueError("the pasted statement is refused: " + "; ".join(f"{f.rule}: {f.snippet}" for f in findings))
     return Problem(name, "pasted", header, "", statement)
+
+
+def _last_decl(blanked: str) -> re.Match | None:
+    """The last `theorem`/`lemma` declaration in comment-blanked text, or None."""
+    decls = list(_DECL.finditer(blanked))
+    return decls[-1] if decls else None
+
+
+def _pasted_header(before: str, blanked: str) -> str:
+    """The header of a pasted theorem from the text before it (header lines are found outside comments)."""
+    raw_lines, blanked_lines = before.split("\n"), blanked.split("\n")
+    lines = [raw.rstrip() for raw, b in zip(raw_lines, blanked_lines) if _HEADER_LINE.match(b)]
+    if any(line.startswith("import") for line in lines):
+        return "\n".join(lines) + "\n\n"
+    return DEFAULT_HEADER + "".join(line + "\n" for line in lines if line not in DEFAULT_HEADER)
+
+
+def mismatch_error(problem: Problem, code: str) -> str | None:
+    """Why pasted code cannot be a proof of the selected problem: it declares another theorem instead.
+
+    Without this, a whole `theorem foo ...` would be indented and checked as a tactic block under the
+    reference statement.
+    """
+    blanked = blank_comments_and_strings(code)
+    if decl_pattern(problem.name).search(blanked):
+        return None
+    decl = _last_decl(blanked)
+    if decl is None:
+        return None
+    return (
+        f"the pasted theorem `{decl.group(1)}` is not the selected problem `{problem.name}`: rename it, "
+        'or choose "(none ...)" to check it as a theorem of its own'
+    )
 
 
 def tactic_block(code: str) -> Candidate:
@@ -257,6 +303,9 @@ class ProveService:
             problem = self._problem(variant, name, code)
         except ValueError as e:
             return input_error(str(e))
+        mismatch = mismatch_error(problem, code)
+        if mismatch:
+            return input_error(mismatch)
         whole_file = bool(decl_pattern(problem.name).search(blank_comments_and_strings(code)))
         candidate = Candidate(code, "file") if whole_file else tactic_block(code)
         if self.checker is None:
@@ -307,34 +356,113 @@ class ProveService:
             rows,
         )
 
-    def decompose(self, variant: str, name: str, code: str, strategy: str, attempts: int) -> ProveReport:
-        """Split a V2 sketch into subgoal lemmas, solve them with the portfolio, stitch and re-verify."""
-        columns = ["lemma", "goal", "hypotheses", "result"]
+    def decompose(self, variant: str, name: str, code: str, strategy: str, attempts: int) -> Iterator[ProveReport]:
+        """Split a V2 sketch into subgoal lemmas, solve them with the portfolio, stitch and re-verify.
+
+        Yields progress after every check. The Lean work runs in a thread that stops before its next check
+        once this generator is closed (the tab's Stop), so a cancelled run frees the REPL pool and never
+        reports success.
+        """
         if not code.strip():
-            return input_error("Paste a sketch: the theorem with `have ... := by sorry` steps.")
+            yield input_error("Paste a sketch: the theorem with `have ... := by sorry` steps.")
+            return
         try:
-            problem = self._problem(variant, name, code)
-            goals = subgoals(parse_sketch(code, problem.name), recursive=True)
+            problem, goals = self._sketch(variant, name, code)
         except (ValueError, PinError) as e:  # DecompositionError is a ValueError
-            return input_error(f"Cannot decompose this sketch: {e}")
+            yield input_error(f"Cannot decompose this sketch: {e}")
+            return
         if self.checker is None:
-            rows = [[g.lemma_name, g.goal, " ".join(g.binders), "not checked"] for g in goals]
-            return self._not_configured("", columns, rows)
-        ledger = Ledger()
+            yield self._not_configured("", DECOMPOSE_COLUMNS, [_goal_row(g, "not checked") for g in goals])
+            return
+        ledger, stop = Ledger(), threading.Event()
         config = DecomposeConfig(strategy=strategy, attempts_per_lemma=int(attempts), max_depth=0)
-        try:
-            stitched = prove_by_decomposition(problem, code, self.checker, PortfolioGenerator(), config, ledger)
-        except DecompositionError as e:
-            return input_error(f"Cannot decompose this sketch: {e}")
-        rows = [[g.lemma_name, g.goal, " ".join(g.binders), _lemma_result(ledger, g.lemma_name)] for g in goals]
-        calls = f"{ledger.generator_calls} generator call(s), {len(ledger.entries)} ledger entries"
-        if stitched is None:
-            return ProveReport(
-                "not_verified", False, "Decomposition did not produce a verified proof", calls, "", columns, rows
-            )
-        return ProveReport(
-            "complete", True, f"Verified: `{problem.name}` proved from the sketch", calls, stitched, columns, rows
+        work = partial(
+            prove_by_decomposition,
+            problem,
+            code,
+            self.checker,
+            PortfolioGenerator(),
+            config,
+            ledger,
+            should_stop=stop.is_set,
         )
+        run = _in_thread(work, f"decompose {problem.name}")
+        try:
+            start = shown = time.monotonic()
+            seen = 0
+            while not run.done():
+                wait([run], timeout=_POLL_S)
+                # Yield on progress, and at least every _HEARTBEAT_S: Gradio can close a generator only
+                # between yields, and closing it is what stops the Lean work.
+                if len(ledger.entries) > seen or time.monotonic() - shown >= _HEARTBEAT_S:
+                    seen, shown = len(ledger.entries), time.monotonic()
+                    yield _progress_report(goals, ledger, shown - start)
+            stitched = run.result()
+        except DecompositionError as e:
+            yield input_error(f"Cannot decompose this sketch: {e}")
+            return
+        finally:
+            stop.set()
+        yield _decomposition_report(problem, goals, ledger, stitched)
+
+    def _sketch(self, variant: str, name: str, code: str) -> tuple[Problem, list[Subgoal]]:
+        """The problem a pasted sketch proves, and its subgoal lemmas (ValueError if it is not a sketch)."""
+        problem = self._problem(variant, name, code)
+        mismatch = mismatch_error(problem, code)
+        if mismatch:
+            raise ValueError(mismatch)
+        return problem, subgoals(parse_sketch(code, problem.name), recursive=True)
+
+
+DECOMPOSE_COLUMNS = ["lemma", "goal", "hypotheses", "result"]
+_POLL_S = 0.05  # how often the decompose generator looks for new ledger entries
+_HEARTBEAT_S = 1.0  # longest time between two progress reports, so Stop takes effect within about a second
+
+
+def _in_thread(work: Callable[[], str | None], name: str) -> Future:
+    """`work()` in a daemon thread, so the app can exit while a stopped run finishes its current check."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(work())
+        except Exception as e:  # handed to the caller through the future
+            future.set_exception(e)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
+def _goal_row(goal: Subgoal, result: str) -> list[str]:
+    return [goal.lemma_name, goal.goal, " ".join(goal.binders), result]
+
+
+def _progress_report(goals: list[Subgoal], ledger: Ledger, elapsed: float) -> ProveReport:
+    """A running decomposition: each subgoal's state so far (never verified)."""
+    rows = [_goal_row(g, _lemma_result(ledger, g.lemma_name)) for g in goals]
+    headline = f"Decomposing: {len(ledger.entries)} check(s) in {elapsed:.0f} s"
+    return ProveReport("running", False, headline, "", "", DECOMPOSE_COLUMNS, rows)
+
+
+def _decomposition_report(problem: Problem, goals: list[Subgoal], ledger: Ledger, stitched: str | None) -> ProveReport:
+    """The final report: verified only on the stitched file's complete (audited) verdict, else why not."""
+    rows = [_goal_row(g, _lemma_result(ledger, g.lemma_name)) for g in goals]
+    calls = f"{ledger.generator_calls} generator call(s), {len(ledger.entries)} ledger entries"
+    verdict = ledger.final_verdict
+    if stitched is not None and verdict is not None and verdict.complete:
+        headline = f"Verified: `{problem.name}` proved from the sketch"
+        return ProveReport(
+            "complete", True, headline, f"{verdict_details(verdict)}\n\n{calls}", stitched, DECOMPOSE_COLUMNS, rows
+        )
+    if verdict is not None:  # every subgoal solved, but the stitched file did not verify
+        headline = f"Not verified: the stitched proof is {verdict.status.value}"
+        return ProveReport(
+            verdict.status.value, False, headline, f"{verdict_details(verdict)}\n\n{calls}", "", DECOMPOSE_COLUMNS, rows
+        )
+    failed = next((row for row in rows if not row[3].startswith("complete")), None)
+    headline = f"Not verified: subgoal `{failed[0]}` was not solved" if failed else "Not verified"
+    reason = f"**Reason:** `{failed[3]}`\n\n" if failed else ""
+    return ProveReport("not_verified", False, headline, reason + calls, "", DECOMPOSE_COLUMNS, rows)
 
 
 def _lemma_result(ledger: Ledger, lemma: str) -> str:
@@ -344,5 +472,6 @@ def _lemma_result(ledger: Ledger, lemma: str) -> str:
         return "not reached"
     last = entries[-1]
     if last["kind"] == "lemma_check":
-        return f"statement rejected by Lean: {last['status']}"
+        ok = last["status"] == "ok"
+        return "statement accepted, solving" if ok else f"statement rejected by Lean: {last['status']}"
     return f"{last['status']} after {sum(e['kind'] == 'lemma_attempt' for e in entries)} attempt(s)"

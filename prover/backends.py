@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .checker import Backend
 from .kimina import KiminaBackend, KiminaConfig
-from .leandojo_backend import LeanDojoBackend, LeanDojoConfig
+from .leandojo_backend import LeanDojoBackend, LeanDojoConfig, LeanDojoUnavailable
 from .pool import PoolConfig, ReplPool
 from .repl_process import ProcessConfig
 
@@ -84,5 +84,8 @@ def make_backend(cfg: BackendConfig) -> Backend:
             raise BackendNotConfigured("--backend kimina needs --kimina-url")
         return KiminaBackend(KiminaConfig(cfg.kimina_url, cfg.kimina_api_key))
     if cfg.kind == "leandojo":
-        return LeanDojoBackend(LeanDojoConfig(cfg.leandojo_repo, cfg.leandojo_commit, cfg.leandojo_file))
+        try:
+            return LeanDojoBackend(LeanDojoConfig(cfg.leandojo_repo, cfg.leandojo_commit, cfg.leandojo_file))
+        except LeanDojoUnavailable as e:  # not installed: the same setup message as no backend at all
+            raise BackendNotConfigured(f"--backend leandojo: {e}") from e
     raise ValueError(f"unknown backend kind {cfg.kind!r}; choose repl, kimina or leandojo")

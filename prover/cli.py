@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--substitute-only", action="store_true",
                    help="lemma binders = theorem binders only (V2 variant a); default adds earlier haves")
     d.add_argument("--attempts", type=int, default=15, help="portfolio attempts per subgoal")
-    d.add_argument("--out", type=Path, help="write the stitched, verified proof here")
+    d.add_argument("--out", type=Path, help="write the verified file here, as Lean checked it (with its import header)")
     d.add_argument("--allow-unaudited", action="store_true")
     _add_backend_args(d)
     d.set_defaults(func=cmd_decompose)

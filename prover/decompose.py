@@ -8,6 +8,7 @@ the lemma binders could no longer be read off the text.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from .checker import Checker
@@ -23,6 +24,16 @@ _HOLE = re.compile(r"(?:by\s+)?sorry")
 
 class DecompositionError(ValueError):
     pass
+
+
+class _Stopped(Exception):
+    """`should_stop` said yes: unwinds every depth of a decomposition at once."""
+
+
+def _is_hole(text: str) -> bool:
+    """Whether a proof is only `sorry` (or `by sorry`), read with comments blanked: a note next to the hole
+    must not hide it."""
+    return _HOLE.fullmatch(blank_comments_and_strings(text).strip()) is not None
 
 
 @dataclass(frozen=True)
@@ -107,9 +118,9 @@ def parse_sketch(code: str, theorem: str, strict: bool = True) -> Sketch:
         have = parse_have(step.text)
         if have is not None:
             haves[i] = have
-            if _HOLE.fullmatch(have.proof):
+            if _is_hole(have.proof):
                 holes.append(i)
-        elif _HOLE.fullmatch(step.text.strip()):
+        elif _is_hole(step.text):
             holes.append(i)
     if strict and not holes:
         raise DecompositionError("the sketch has no `sorry` holes")
@@ -200,7 +211,7 @@ def blank_haves(code: str, theorem: str) -> tuple[str, dict[str, str]]:
     sketch = parse_sketch(code, theorem, strict=False)
     replaced, bodies, counts = {}, {}, {}
     for i, have in sketch.haves.items():
-        if not have.proof.startswith("by") or _HOLE.fullmatch(have.proof):
+        if not have.proof.startswith("by") or _is_hole(have.proof):
             continue
         head = sketch.steps[i].text
         replaced[i] = head[: find_top_level(head, ":=")].rstrip() + " := by sorry"
@@ -252,23 +263,50 @@ def scan_sketch(problem: Problem, sketch_code: str, guard: GuardPolicy) -> None:
         raise DecompositionError(f"sketch refused by the text layer: {findings[0]}")
 
 
+def _never() -> bool:
+    """The default `should_stop`: batch runs and the CLI decompose to the end."""
+    return False
+
+
 def prove_by_decomposition(problem: Problem, sketch_code: str, checker: Checker, solver: Generator,
                            config: DecomposeConfig, ledger: Ledger, sketcher: Generator | None = None,
-                           depth: int = 0) -> str | None:
-    """A verified proof file for `problem` built from the sketch, or None; every step is in `ledger`."""
+                           should_stop: Callable[[], bool] = _never) -> str | None:
+    """The verified file for `problem` built from the sketch (as checked, header included), or None.
+
+    Every step is in `ledger`. `should_stop` is asked before each generator call and Lean check, so a caller
+    can cancel a long decomposition; once it says yes nothing more runs, the ledger gets a `stopped` entry
+    and the result is None: a stopped decomposition never counts as proved.
+    """
+    try:
+        return _decompose(problem, sketch_code, checker, solver, config, ledger, sketcher, 0, should_stop)
+    except _Stopped:
+        return None
+
+
+def _check_stop(should_stop: Callable[[], bool], ledger: Ledger, target: str, depth: int) -> None:
+    """A cancellation point: record where the run stopped and unwind, before any further work on `target`."""
+    if should_stop():
+        ledger.record("stopped", target, "stopped", depth)
+        raise _Stopped
+
+
+def _decompose(problem: Problem, sketch_code: str, checker: Checker, solver: Generator, config: DecomposeConfig,
+               ledger: Ledger, sketcher: Generator | None, depth: int, should_stop: Callable[[], bool]) -> str | None:
+    """prove_by_decomposition at `depth` (0: the user's sketch; deeper: a failed lemma sketched again)."""
     scan_sketch(problem, sketch_code, checker.config.guard)
     sketch = parse_sketch(sketch_code, problem.name)
     goals = subgoals(sketch, config.recursive)
     proofs: dict[str, str] = {}
     for goal in goals:
         lemma = Problem(goal.lemma_name, problem.split, problem.header, "", goal.statement())
-        proof = _solve_lemma(lemma, checker, solver, config, ledger, depth)
+        proof = _solve_lemma(lemma, checker, solver, config, ledger, depth, should_stop)
         if proof is None and sketcher is not None and depth < config.max_depth:
+            _check_stop(should_stop, ledger, lemma.name, depth + 1)
             sub = sketcher.generate(lemma, 0)
             ledger.record("sketch", lemma.name, "generated", depth + 1)
             try:
-                stitched = prove_by_decomposition(lemma, sub.text, checker, solver, config, ledger, sketcher,
-                                                  depth + 1)
+                stitched = _decompose(lemma, sub.text, checker, solver, config, ledger, sketcher, depth + 1,
+                                      should_stop)
             except DecompositionError as e:
                 # The same sketch call as above, so a kind of its own: generator_calls stays one per call.
                 ledger.record("sketch_unusable", lemma.name, str(e), depth + 1)
@@ -278,23 +316,25 @@ def prove_by_decomposition(problem: Problem, sketch_code: str, checker: Checker,
             return None
         proofs[goal.lemma_name] = proof
     stitch = stitch_aux if config.strategy == "aux" else stitch_inline
-    code = stitch(sketch, goals, proofs)
-    verdict = checker.check(problem, Candidate(code, "file")).verdict
-    ledger.record("stitch", problem.name, verdict.status.value, depth)
+    _check_stop(should_stop, ledger, problem.name, depth)
+    checked = checker.check(problem, Candidate(stitch(sketch, goals, proofs), "file"))
+    ledger.record("stitch", problem.name, checked.verdict.status.value, depth)
     if depth == 0:
-        ledger.final_verdict = verdict
-    return code if verdict.complete else None
+        ledger.final_verdict = checked.verdict
+    return checked.code if checked.verdict.complete else None
 
 
 def _solve_lemma(lemma: Problem, checker: Checker, solver: Generator, config: DecomposeConfig, ledger: Ledger,
-                 depth: int) -> str | None:
+                 depth: int, should_stop: Callable[[], bool]) -> str | None:
     """Check the lemma states something Lean accepts (exactly one sorry), then spend the attempt budget."""
+    _check_stop(should_stop, ledger, lemma.name, depth)
     probe = checker.backend.verify(lemma.header + lemma.formal_statement + "  sorry\n", checker.config.timeout)
     well_formed = probe.status is Status.SORRY and len(probe.sorries) == 1 and not probe.errors
     ledger.record("lemma_check", lemma.name, probe.status.value if not well_formed else "ok", depth)
     if not well_formed:
         return None
     for attempt in range(config.attempts_per_lemma):
+        _check_stop(should_stop, ledger, lemma.name, depth)
         checked = checker.check(lemma, solver.generate(lemma, attempt))
         ledger.record("lemma_attempt", lemma.name, checked.verdict.status.value, depth)
         if checked.verdict.complete:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from itertools import combinations
@@ -142,6 +144,7 @@ class OpenAIGenerator:
 
     def _post(self, path: str, body: dict) -> dict:
         c = self.config
+        url = self._url(path)
         headers = {"Content-Type": "application/json"}
         if c.api_key:
             headers["Authorization"] = f"Bearer {c.api_key}"
@@ -150,7 +153,7 @@ class OpenAIGenerator:
         for attempt in range(c.retries + 1):
             if attempt:
                 time.sleep(c.backoff_s * 2 ** (attempt - 1))
-            req = urllib.request.Request(c.base_url.rstrip("/") + path, data=data, headers=headers)
+            req = urllib.request.Request(url, data=data, headers=headers)
             try:
                 with self._slots, urllib.request.urlopen(req, timeout=c.timeout_s) as resp:
                     return json.loads(resp.read())
@@ -158,11 +161,23 @@ class OpenAIGenerator:
                 last = f"HTTP {e.code}: {e.read()[:200]!r}"
                 if e.code != 429 and e.code < 500:
                     break
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                last = str(e)
+            except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, truncated replies
+                last = str(e) or type(e).__name__
             except json.JSONDecodeError as e:
                 last = f"reply is not JSON: {e}"
-        raise GenerationError(f"{c.base_url}{path} failed: {last}")
+            except UnicodeDecodeError as e:
+                last = f"reply is not UTF-8 text: {e}"
+        raise GenerationError(f"{url} failed: {last}")
+
+    def _url(self, path: str) -> str:
+        """The endpoint URL for `path`; one without an http(s) scheme or host is a GenerationError, not a crash
+        inside urllib."""
+        url = self.config.base_url.strip().rstrip("/") + path
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise GenerationError(f"endpoint URL {self.config.base_url!r} needs http:// or https:// and a host, "
+                                  "e.g. http://127.0.0.1:8000/v1")
+        return url
 
 
 @dataclass(frozen=True)

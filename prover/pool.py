@@ -21,12 +21,18 @@ class PoolConfig:
     audit_timeout: float = 60.0
 
 
+def _header_key(header: str) -> str:
+    """The import lines of a header, one per line with blank lines dropped: headers that differ only in
+    layout import the same environment, so they share a process instead of re-importing Mathlib."""
+    return "\n".join(line.strip() for line in header.split("\n") if line.strip())
+
+
 class _Slot:
     """A worker position in the pool; its process is (re)started lazily."""
 
     def __init__(self) -> None:
         self.proc: ReplProcess | None = None
-        self.header: str | None = None
+        self.header: str | None = None  # _header_key of the header its env was built from
         self.header_env: int | None = None
 
     def reset(self) -> None:
@@ -95,6 +101,7 @@ class ReplPool:
         """Check `code`; when it is complete and `theorem` is given, audit its axioms in the same env."""
         start = time.monotonic()
         header, body, shift = split_header(code)
+        header = _header_key(header)  # `shift` still counts this file's own header lines
         slot = self._acquire(header)
         try:
             verdict = self._verify_in(slot, header, body, shift, timeout, theorem)

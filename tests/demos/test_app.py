@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import socket
 import time
 import urllib.request
@@ -25,6 +26,15 @@ def offline_prove():
 def test_build_app_returns_blocks_with_and_without_a_vl_model(engine, offline_prove):
     for chat in (engine, None):
         assert isinstance(build_app(chat, offline_prove), gr.Blocks)
+
+
+def test_stop_cancels_every_prover_action_and_decompose_can_be_closed(offline_prove):
+    """Gradio stops a running generator at its next yield; a plain function would run to its end."""
+    demo = build_app(None, offline_prove)
+    ids = {fn.name: i for i, fn in demo.fns.items()}
+    cancelled = {i for fn in demo.fns.values() for i in fn.cancels}
+    assert {ids["on_verify"], ids["on_prove"], ids["on_decompose"]} <= cancelled
+    assert inspect.isgeneratorfunction(demo.fns[ids["on_decompose"]].fn)
 
 
 def test_cli_defaults_are_local_and_flags_build_the_services(fake_repl_cmd):

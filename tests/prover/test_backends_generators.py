@@ -125,6 +125,21 @@ def test_leandojo_adapter_runs_tactics_one_by_one():
     assert backend.verify(DEFAULT_HEADER + STATEMENT + "  sorry\n", 10, "t").status is Status.SORRY
 
 
+def test_leandojo_missing_package_is_the_setup_message_not_a_traceback(capsys, tmp_path):
+    try:
+        import lean_dojo  # noqa: F401
+    except ImportError:
+        with pytest.raises(BackendNotConfigured, match="leandojo"):
+            make_backend(BackendConfig(kind="leandojo"))
+        (tmp_path / "t.lean").write_text("theorem t : True := by\n  trivial\n")
+        assert main(["verify", str(tmp_path / "t.lean"), "--theorem", "t", "--backend", "leandojo"]) == 2
+        err = capsys.readouterr().err
+        assert "deepseek-suite[leandojo]" in err and "never reports a proof as verified" in err
+        assert "Traceback" not in err
+    else:
+        pytest.skip("lean_dojo is installed here")
+
+
 def test_leandojo_missing_package_is_explained():
     try:
         import lean_dojo  # noqa: F401
@@ -180,7 +195,7 @@ def openai_server():
                 reply = {"choices": [{"message": {"content": state["chat_content"]}}]}
             else:
                 reply = {"choices": [{"text": "  linarith\n```\nignored"}]}
-            data = json.dumps(reply).encode()
+            data = state.get("raw_reply") or json.dumps(reply).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -222,3 +237,17 @@ def test_openai_client_errors_are_not_retried(openai_server):
     with pytest.raises(GenerationError, match="HTTP 400"):
         OpenAIGenerator(OpenAIConfig(base_url=url, style="v15", backoff_s=0.01)).generate(PROBLEM, 0)
     assert state["requests"] == 1
+
+
+def test_openai_reply_that_is_not_utf8_is_a_generation_error(openai_server):
+    url, state = openai_server
+    state["raw_reply"] = b'{"choices": [{"text": "\xff\xfe"}]}'
+    with pytest.raises(GenerationError, match="not UTF-8"):
+        OpenAIGenerator(OpenAIConfig(base_url=url, style="v15", retries=1, backoff_s=0.01)).generate(PROBLEM, 0)
+    assert state["requests"] == 2  # retried like any other unreadable reply
+
+
+@pytest.mark.parametrize("base_url", ["localhost/v1", "127.0.0.1:8000/v1", "ftp://127.0.0.1/v1", "http://"])
+def test_openai_url_without_http_scheme_or_host_is_a_generation_error(base_url):
+    with pytest.raises(GenerationError, match="needs http:// or https://"):
+        OpenAIGenerator(OpenAIConfig(base_url=base_url, style="v2_cot", retries=0)).generate(PROBLEM, 0)

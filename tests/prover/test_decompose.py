@@ -267,3 +267,34 @@ def test_batch_decomposition_counts_each_sketch_as_one_sample(checker, tmp_path)
         other = RunSpec(*[getattr(spec, f) for f in ("variant", "split", "statement_digest", "generator",
                                                       "samples", "problems", "backend", "verification")], None)
         run_batch([PROBLEM], Sketcher(), checker, other, tmp_path, workers=1)
+
+
+@pytest.mark.parametrize("hole", [":= by sorry -- note", ":= by sorry /- note -/", ":= by\n    -- note\n    sorry",
+                                  ":= /- note -/ by sorry"])
+def test_a_comment_inside_a_hole_does_not_hide_it(hole):
+    sketch = parse_sketch(SKETCH.replace(":= by sorry", hole), PROBLEM.name)
+    assert len(sketch.holes) == 4
+    assert [g.lemma_name for g in subgoals(sketch)][2] == f"{PROBLEM.name}_final_proof"
+    assert "final_proof" not in blank_haves(SKETCH.replace(":= by sorry", hole), PROBLEM.name)[1]
+
+
+def test_the_result_is_the_checked_file_with_its_header(checker):
+    """`prover decompose --out` and the demo show what Lean checked, not the bare stitched sketch."""
+    solver = ScriptedSolver({f"{PROBLEM.name}_{s}": "omega" for s in
+                             ("base_case", "inductive_step", "final_proof", "final")})
+    code = prove_by_decomposition(PROBLEM, SKETCH.removeprefix(DEFAULT_HEADER), checker, solver,
+                                  DecomposeConfig(), Ledger())
+    assert code is not None and code.startswith(DEFAULT_HEADER + STATEMENT)
+
+
+@pytest.mark.parametrize("checks_before_stop", [0, 1, 3, 8])
+def test_should_stop_ends_the_decomposition_without_success(checker, checks_before_stop):
+    """Asked before every generator call and Lean check; a stopped run returns None and says so."""
+    solver = ScriptedSolver({f"{PROBLEM.name}_{s}": "omega" for s in
+                             ("base_case", "inductive_step", "final_proof", "final")})
+    ledger = Ledger()
+    code = prove_by_decomposition(PROBLEM, SKETCH, checker, solver, DecomposeConfig(), ledger,
+                                  should_stop=lambda: len(ledger.entries) >= checks_before_stop)
+    assert code is None and ledger.final_verdict is None
+    assert len(ledger.entries) == checks_before_stop + 1 and ledger.entries[-1]["kind"] == "stopped"
+    assert ledger.count("stitch") == 0

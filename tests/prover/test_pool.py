@@ -157,6 +157,18 @@ def test_new_header_restarts_the_process(make_pool):
     assert pool.restarts == 2
 
 
+def test_headers_that_differ_only_in_layout_share_a_process(make_pool):
+    """Blank lines around the imports do not change the environment, so they must not re-import Mathlib;
+    each file's messages are still shifted by its own header lines."""
+    pool = make_pool()
+    layouts = [DEFAULT_HEADER, "import Mathlib\nimport Aesop\n", "\nimport Mathlib\n\n\nimport Aesop  \n\n\n"]
+    for header in layouts:
+        code = header + STATEMENT + "  nlinarith [sq_nonneg x]\n  -- FAKE: error linarith failed\n"
+        v = pool.verify(code, timeout=10)
+        assert v.status is Status.LEAN_ERROR and v.errors[0].pos.line == line_of(code, "-- FAKE: error")
+    assert pool.restarts == 1
+
+
 def test_concurrent_verifications_use_every_worker(make_pool):
     pool = make_pool("--body-delay", "0.05", workers=2)
     results = []
