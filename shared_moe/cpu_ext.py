@@ -11,10 +11,14 @@ the callers use plain torch ops instead.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
+import os
+import shutil
 import subprocess
+import sysconfig
 import warnings
 from pathlib import Path
 
@@ -27,6 +31,22 @@ SOURCES = [CSRC / name for name in ("grouped_gemm_onednn.cpp", "moe_kernels_avx5
 def _headers_digest() -> str:
     """torch's builder rebuilds when a source changes but not a header; a define with the headers' hash does."""
     return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(CSRC.glob("*.h")))).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _ninja_on_path():
+    """torch runs `ninja` through PATH; a venv used without activating it has pip's ninja only in its scripts
+    folder, so put that folder first while building (PATH is restored afterwards)."""
+    scripts = sysconfig.get_path("scripts")
+    if shutil.which("ninja") or not shutil.which("ninja", path=scripts):
+        yield
+        return
+    saved = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([scripts, saved]) if saved else scripts
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = saved
 
 
 @functools.cache
@@ -42,14 +62,15 @@ def available() -> bool:
     try:
         if not (Path(_get_build_directory(NAME, verbose=False)) / f"{NAME}.so").exists():
             logging.getLogger(__name__).warning("shared_moe: compiling its C++ CPU ops on first use (10-20 s, cached)")
-        load(
-            name=NAME,
-            sources=[str(p) for p in SOURCES],
-            # at::parallel_for is OpenMP pragmas in torch's headers
-            extra_cflags=["-O3", "-fopenmp", f"-DSHARED_MOE_HEADERS={_headers_digest()}"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-        )
+        with _ninja_on_path():
+            load(
+                name=NAME,
+                sources=[str(p) for p in SOURCES],
+                # at::parallel_for is OpenMP pragmas in torch's headers
+                extra_cflags=["-O3", "-fopenmp", f"-DSHARED_MOE_HEADERS={_headers_digest()}"],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+            )
     except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
         warnings.warn(f"shared_moe's C++ CPU ops unavailable, falling back to plain torch ops: {error}", stacklevel=2)
         return False

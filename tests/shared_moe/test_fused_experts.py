@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -150,3 +151,21 @@ def test_fused_experts_op_rejects_bad_routing():
         op(x.bfloat16(), order, *args, ends, False, False)
     with pytest.raises(RuntimeError, match="fp32 or bf16 only"):
         op(x.half(), order, args[0].half(), args[1].half(), weights, ends, False, False)
+
+
+def test_build_finds_pips_ninja_when_the_venv_is_not_activated(tmp_path, monkeypatch):
+    """torch runs `ninja` through PATH; pip puts it in the interpreter's scripts folder, which an unactivated
+    venv does not have on PATH. The build puts that folder first, and PATH is restored afterwards."""
+    import shutil
+    import sysconfig
+
+    scripts, elsewhere = tmp_path / "scripts", tmp_path / "elsewhere"
+    for folder in (scripts, elsewhere):
+        folder.mkdir()
+    (scripts / "ninja").write_text("#!/bin/sh\n")
+    (scripts / "ninja").chmod(0o755)
+    monkeypatch.setenv("PATH", str(elsewhere))
+    monkeypatch.setattr(sysconfig, "get_path", lambda name: str(scripts))
+    with cpu_ext._ninja_on_path():
+        assert shutil.which("ninja") == str(scripts / "ninja")
+    assert os.environ["PATH"] == str(elsewhere)
