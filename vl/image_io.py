@@ -19,13 +19,27 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000x8000; far above any tiling candidate, far below a bomb
 ALPHA_BACKGROUND = (255, 255, 255)
 
-ImageInput = str | Path | bytes | io.IOBase | Image.Image
+ImageInput = str | Path | bytes | bytearray | memoryview | io.IOBase | Image.Image
 # What PIL's format plugins raise on data cut short or corrupt, in the header or in the pixel data.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
 
 
 class ImageLoadError(ValueError):
     """The input could not be decoded as an image (empty, truncated, not an image, too large)."""
+
+
+def _read_bytes(source: object) -> object:
+    """Bytes-like objects and file objects as bytes; anything else is returned unchanged.
+
+    File objects are recognised by their `read` method, not by `io.IOBase`: `tempfile.NamedTemporaryFile`
+    and many upload wrappers are file objects that do not subclass it.
+    """
+    if isinstance(source, (bytearray, memoryview)):
+        return bytes(source)
+    read = getattr(source, "read", None)
+    if not isinstance(source, (str, Path, bytes)) and callable(read):
+        return read()
+    return source
 
 
 def _open(source: ImageInput) -> Image.Image:
@@ -47,8 +61,7 @@ def _open(source: ImageInput) -> Image.Image:
         name = str(path)
     else:
         name = "image data"
-    if isinstance(source, io.IOBase):
-        source = source.read()
+    source = _read_bytes(source)
     if not isinstance(source, bytes):
         raise ImageLoadError(f"unsupported image input type {type(source).__name__}")
     if len(source) == 0:

@@ -85,9 +85,16 @@ class HybridVisionTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         high = self.vision_tower_high(pixels).flatten(2).transpose(1, 2)
+        return high, self.vision_tower_low(self.resize_low(pixels))
+
+    def resize_low(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Bilinear antialiased resize to the SigLIP size, computed in fp32 and cast back.
+
+        PyTorch's CPU antialiased bilinear kernel has no bf16/fp16 implementation, so resizing in the
+        model dtype would make a half-precision hybrid model fail on CPU.
+        """
         size = (self.low_size, self.low_size)
-        low = self.vision_tower_low(F.interpolate(pixels, size=size, mode="bilinear", antialias=True))
-        return high, low
+        return F.interpolate(pixels.float(), size=size, mode="bilinear", antialias=True).to(pixels.dtype)
 
 
 class DeepseekVL(VisionLanguageModel):

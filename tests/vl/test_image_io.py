@@ -147,3 +147,16 @@ def test_inputs_path_bytes_fileobj_datauri_pil(tmp_path):
         load_image("data:image/png;base64,***")
     with pytest.raises(ImageLoadError, match="unsupported"):
         load_image(12345)
+
+
+def test_file_like_wrappers_and_bytearrays_are_accepted(tmp_path):
+    """`NamedTemporaryFile` objects are file objects without subclassing io.IOBase; bytearray is bytes-like."""
+    import tempfile
+
+    data = _encode(_rgb(), "PNG")
+    with tempfile.NamedTemporaryFile(dir=tmp_path, suffix=".png") as f:
+        f.write(data)
+        f.seek(0)
+        assert load_image(f).size == (40, 30)
+    assert load_image(bytearray(data)).size == (40, 30)
+    assert load_image(memoryview(data)).size == (40, 30)

@@ -262,3 +262,16 @@ def test_vl1_chat_streams_the_greedy_reply(vlh, tmp_path):
     assert "".join(pieces) == processor.tokenizer.decode(ids, skip_special_tokens=False)
     with pytest.raises(ValueError, match="one conversation"):
         next(vl.chat(model, processor, [conv, conv], [images, images]))
+
+
+def test_hybrid_bf16_runs_on_cpu(vlh, tmp_path):
+    """The hybrid's low-resolution resize has no bf16 CPU kernel; it must still run (in fp32) and stay close."""
+    _save(vlh, tmp_path, hybrid=True, tie=True)
+    fp32, processor = vl.load(tmp_path)
+    bf16, _ = vl.load(tmp_path, dtype=torch.bfloat16)
+    batch = processor([{"role": "user", "content": "<image_placeholder>Describe."}], [vlh.noise_image(90, 120)])
+    with torch.no_grad():
+        ref = fp32(batch).logits
+        out = bf16(batch.to(dtype=torch.bfloat16)).logits
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
