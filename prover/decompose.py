@@ -252,13 +252,17 @@ def scan_sketch(problem: Problem, sketch_code: str, guard: GuardPolicy) -> None:
     """Refuse a sketch whose model-written text the text layer bans, its `sorry` holes aside.
 
     The lemma checks send the sketch's `have` types to Lean long before the stitched file is scanned, so
-    the sketch must pass the same layer first.
+    the sketch must pass the same layer first. Its own statement too: the pin swaps in the reference
+    statement, but `parse_sketch` reads the lemmas' binders and final goal from the sketch's.
     """
     try:
         authored = pin(problem, Candidate(sketch_code, "file")).authored
     except PinError as e:
         raise DecompositionError(f"sketch: {e}") from e
-    findings = scan(authored, replace(guard, allowed=guard.allowed | {"sorry"}))
+    blanked = blank_comments_and_strings(sketch_code)  # the pin refused text the lexer may misread
+    decl = decl_pattern(problem.name).search(blanked)
+    statement = sketch_code[decl.start():proof_start(blanked, decl.start())]
+    findings = scan(authored + "\n" + statement, replace(guard, allowed=guard.allowed | {"sorry"}))
     if findings:
         raise DecompositionError(f"sketch refused by the text layer: {findings[0]}")
 

@@ -108,11 +108,19 @@ def indent(text: str, spaces: int) -> str:
     return "\n".join(pad + line if line.strip() else line for line in text.split("\n"))
 
 
+# A header line is exactly one `import Module.Name` (or blank): Lean's header ends at the first token that
+# is not an import, on the same line too, so any other text on an import line (`import Mathlib axiom c :
+# False`, a `/-` opening a comment, a `\r`, which Lean reads as a space) would be code that runs in the
+# header command and escapes the text layer. Such lines go to the body, where they are scanned (and Lean
+# refuses an `import` there).
+_HEADER_LINE = re.compile(r"(?:import[ \t]+[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)?[ \t]*")
+
+
 def split_header(code: str) -> tuple[str, str, int]:
-    """(imports, body, number of header lines): leading lines that are blank or `import ...`."""
+    """(imports, body, number of header lines): leading lines that are blank or exactly `import Name`."""
     lines = code.split("\n")
     n = 0
-    while n < len(lines) and (not lines[n].strip() or lines[n].startswith("import ")):
+    while n < len(lines) and _HEADER_LINE.fullmatch(lines[n]):
         n += 1
     if n == len(lines):  # nothing but imports: keep the last line as an (empty) body
         n = max(n - 1, 0)

@@ -321,3 +321,28 @@ def test_conv_mode_metaprograms_and_printing_are_refused(checker):
 def test_elaboration_time_evaluation_is_refused(text, rule):
     """Fifth red-team round: `eval%` and tactic configs run terms with unsafe code allowed."""
     assert rule in {f.rule for f in scan(text)}
+
+
+UNPINNED_THEOREM = "theorem t : False := by\n  exact cheat\n"
+
+
+@pytest.mark.parametrize("imports", [
+    # Lean's header is `import` tokens only; the first other token starts the commands, on the same line too
+    "import Mathlib axiom cheat : False " + FAKE_AUDIT.replace("\n", " ") + "\n",
+    # `\r` is whitespace for Lean but not a line break for the header split
+    "import Mathlib\raxiom cheat : False\n",
+    # an import line that opens a comment closed on a later `import` line, then code on that line
+    "import Mathlib /-\nimport Aesop -/ axiom cheat : False\n",
+])
+def test_code_on_import_lines_is_not_trusted_as_header(checker, imports):
+    """Sixth red-team round: `check_unpinned` scanned only what follows the import lines and the pool sent
+    those lines to Lean as the header command, so code after `import X` on the same line ran unscanned
+    (here an axiom and a command elaborator that fakes the audit)."""
+    code = imports + "\n" + UNPINNED_THEOREM
+    verdict = checker.check_unpinned(code, "t")
+    assert verdict.status is Status.REJECTED and verdict.reason.startswith("text:"), verdict.reason
+
+
+def test_plain_import_lines_still_form_the_header(checker):
+    code = "import Mathlib\nimport Mathlib.Tactic.Linarith  \n\ntheorem t : 1 + 1 = 2 := by\n  norm_num\n"
+    assert checker.check_unpinned(code, "t").status is Status.COMPLETE

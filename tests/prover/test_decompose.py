@@ -201,6 +201,16 @@ def test_a_sketch_the_text_layer_bans_never_reaches_lean():
     assert backend.sent == []
 
 
+def test_a_banned_sketch_statement_never_reaches_lean():
+    """Sixth red-team round: the pin replaces the sketch's own statement, so only its proof was scanned, but
+    the lemma statements take their binders and final goal from the sketch's statement, not the reference."""
+    evil = SKETCH.replace("(h₀ : 4 ≤ n)", "(h₀ : 4 ≤ n) (hx : (by_elab do Lean.modifyEnv id; return default : True))")
+    backend = RecordingBackend()
+    with pytest.raises(DecompositionError, match="text layer"):
+        prove_by_decomposition(PROBLEM, evil, Checker(backend), ScriptedSolver({}), DecomposeConfig(), Ledger())
+    assert backend.sent == []
+
+
 def test_batch_checks_unreadable_or_banned_sketches_as_plain_candidates(tmp_path):
     """A destructuring `have` (not readable as a lemma) or a banned sketch is one ordinary, rejected attempt:
     the batch goes on instead of stopping at that sample on every resume."""
