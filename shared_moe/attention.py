@@ -63,7 +63,9 @@ class MultiHeadAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.mha_head_dim
-        self.scale = softmax_scale(self.head_dim, config.rope_parameters)
+        # Plain 1/sqrt(d): YaRN's mscale_all_dim softmax temperature belongs to MLA only; Llama attention
+        # (transformers' Llama, DeepSeekMoE and VL2 remote code) never applies it.
+        self.scale = self.head_dim**-0.5
         bias = config.attention_bias
         self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)

@@ -191,6 +191,9 @@ class MoEConfig:
             values["num_nextn_predict_layers"] = cfg.get("num_nextn_predict_layers", cfg.get("num_mtp_layers", 0))
         elif model_type == "deepseek_v2":
             values["use_mla"] = bool(cfg.get("use_mla", True)) and cfg.get("kv_lora_rank", 512) is not None
+            # DeepSeek-V2 code (transformers' and DeepSeek's) always rotates interleaved pairs in MLA and halves
+            # in MHA; a rope_interleave key in the config is ignored there, so it must not change our layout.
+            values["rope_interleave"] = values["use_mla"]
             if "scoring_func" not in cfg:
                 values["scoring_func"] = "sigmoid" if values["topk_method"] == "noaux_tc" else "softmax"
         if values.get("use_mla", False):

@@ -79,7 +79,7 @@ def _llama3_frequencies(inv_freq: torch.Tensor, factor: float, params: dict[str,
 
 
 def softmax_scale(head_dim: int, params: dict[str, Any]) -> float:
-    """1/sqrt(d), times YaRN's attention temperature mscale(factor, mscale_all_dim)^2 when configured."""
+    """MLA's 1/sqrt(d), times YaRN's attention temperature mscale(factor, mscale_all_dim)^2 when configured."""
     scale = head_dim**-0.5
     if params.get("rope_type", "default") != "default" and params.get("mscale_all_dim"):
         m = _yarn_mscale(float(params["factor"]), float(params["mscale_all_dim"]))

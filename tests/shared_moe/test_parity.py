@@ -121,3 +121,26 @@ def test_decode_attends_in_latent_space_without_reprojecting_the_cache(tiny_chec
         for t in range(8, 12):
             out = model(ids[:, t : t + 1], cache=out.cache)
     assert projected_rows == []
+
+
+def test_llama_yarn_with_mscale_all_dim_keeps_plain_softmax_scale(tiny_checkpoint):
+    """Llama attention applies YaRN's cos/sin amplitude but not MLA's mscale_all_dim softmax temperature."""
+    hf, folder = tiny_checkpoint("llama", yarn=True, seed=7)
+    ours = shared_moe.from_pretrained(folder, dtype=torch.float32)
+    ids = torch.randint(2, 96, (2, 16), generator=torch.Generator().manual_seed(7))
+    positions = torch.arange(3000, 3016)[None].expand(2, 16)
+    with torch.no_grad():
+        expected = hf(ids, position_ids=positions).logits
+        got = ours(ids, position_ids=positions).logits
+    assert (got - expected).abs().max().item() < TOL
+
+
+def test_deepseek_v2_rotates_interleaved_pairs_whatever_rope_interleave_says(tiny_checkpoint):
+    """transformers' DeepseekV2 has no rope_interleave switch: a stray `rope_interleave: false` must not apply."""
+    hf, folder = tiny_checkpoint("v2", seed=8, rope_interleave=False)
+    ours = shared_moe.from_pretrained(folder, dtype=torch.float32)
+    ids = torch.randint(2, 96, (2, 16), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = ours(ids).logits
+    assert (got - expected).abs().max().item() < TOL
