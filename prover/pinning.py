@@ -109,8 +109,11 @@ def pin(problem: Problem, candidate: Candidate) -> PinnedFile:
         raise PinError(f"{problem.name}: reference statement does not end with ':= by'")
     head = problem.header + problem.informal_prefix + statement.rstrip()
     if candidate.kind == "completion":
-        body = candidate.text if candidate.text.startswith(("\n", " ")) else "\n" + candidate.text
-        return PinnedFile(head + body, body)
+        # As DeepSeek-Prover-V1.5 builds the file: the completion starts on the line after `:= by`. Appended to
+        # the `by` line instead, its first tactic would sit at another column than the next ones, and Lean's
+        # tactic blocks need one column: every multi-line completion would fail to parse.
+        body = candidate.text.removeprefix("\n")
+        return PinnedFile(head + "\n" + body, body)
     text = candidate.text
     blanked = _blanked(text)
     decls = list(decl_pattern(problem.name).finditer(blanked))

@@ -82,7 +82,21 @@ def last_lean_block(output: str) -> str | None:
     return blocks[-1] if blocks else None
 
 
+# A completion can only continue the tactic block; starting with one of these at column 0 means the model
+# wrote the file (header and/or theorem) again instead.
+_RESTATED = re.compile(r"(?:import|theorem|lemma)\s|/--")
+
+
+def restates_file(completion: str) -> bool:
+    """True when the completion's first non-blank line starts a new file or declaration, not a tactic."""
+    first = next((line for line in completion.split("\n") if line.strip()), "")
+    return bool(_RESTATED.match(first))
+
+
 def extract(prompt: Prompt, output: str) -> Candidate:
+    """The candidate in `output`; CRLF is read as LF so fences and column-0 checks see Windows-style replies."""
+    output = output.replace("\r\n", "\n")
     if prompt.output == "completion":
-        return Candidate(cut_completion(output), "completion")
+        text = cut_completion(output)
+        return Candidate(text, "file" if restates_file(text) else "completion")
     return Candidate(last_lean_block(output) or "", "file")

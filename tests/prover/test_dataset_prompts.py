@@ -103,3 +103,29 @@ def test_malformed_dataset_line_is_reported(tmp_path, monkeypatch):
     monkeypatch.setattr(ds, "_data_path", lambda f: bad / f)
     with pytest.raises(ValueError, match=":2: malformed JSON"):
         ds.load_minif2f()
+
+
+def test_extraction_reads_crlf_outputs(problem):
+    file_text = problem.header + problem.formal_statement + "  norm_num\n"
+    crlf = ("### Complete Lean 4 Proof\n```lean4\n" + file_text + "```\nDone.\n").replace("\n", "\r\n")
+    assert extract(build_prompt("v2_cot", problem), crlf).text == file_text
+    assert extract(build_prompt("v15", problem), "  simp\r\n  linarith\r\n```\r\n").text == "  simp\n  linarith\n"
+
+
+def test_completion_that_restates_the_theorem_is_read_as_a_file(problem):
+    from prover.pinning import pin
+    restated = problem.header + problem.formal_statement + "  norm_num\n```\nThis works."
+    cand = extract(build_prompt("v15", problem), restated)
+    assert cand.kind == "file"
+    assert pin(problem, cand).code.count(f"theorem {problem.name}") == 1
+    assert extract(build_prompt("v15", problem), "\n  norm_num\n```").kind == "completion"
+
+
+def test_a_multi_line_completion_starts_on_the_line_after_by(problem):
+    """As DeepSeek-Prover-V1.5 builds the file (statement, which ends `:= by\\n`, then the output): every tactic
+    of the completion keeps its column, which Lean's tactic blocks need to be one."""
+    from prover.pinning import pin
+
+    output = "  norm_num\n  linarith\n```\nignored"
+    code = pin(problem, extract(build_prompt("v15", problem), output)).code
+    assert code == problem.header + problem.informal_prefix + problem.formal_statement + "  norm_num\n  linarith\n"
