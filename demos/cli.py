@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Per uploaded file: far above a camera photo, low enough that uploads cannot fill the disk quickly.
+MAX_FILE_SIZE = "20mb"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +98,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def launch_options(args: argparse.Namespace) -> dict:
+    """`Blocks.launch` arguments: the chosen address, never a share link, and a cap on upload size."""
+    return {
+        "server_name": args.host,
+        "server_port": args.port,
+        "share": False,
+        "inbrowser": False,
+        "quiet": True,
+        "prevent_thread_lock": True,
+        "footer_links": [],
+        "max_file_size": MAX_FILE_SIZE,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .app import build_app
@@ -119,15 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     chat = load_chat_engine(args)
     demo = build_app(chat, prove, args.openai_url, args.openai_model)
     try:
-        _, url, _ = demo.queue(default_concurrency_limit=2, max_size=32).launch(
-            server_name=args.host,
-            server_port=args.port,
-            share=False,
-            inbrowser=False,
-            quiet=True,
-            prevent_thread_lock=True,
-            footer_links=[],
-        )
+        try:
+            _, url, _ = demo.queue(default_concurrency_limit=2, max_size=32).launch(**launch_options(args))
+        except OSError as e:  # the port is taken, or the address is not one of this machine's
+            print(f"error: cannot listen on {args.host}:{args.port} ({e}); choose another --port", file=sys.stderr)
+            return 1
         print(f"serving on {url} (no public share link); Ctrl-C to stop", file=sys.stderr, flush=True)
         demo.block_thread()
     finally:

@@ -26,6 +26,10 @@ from vl.processing import Message, align_image_tags
 
 from .overlay import grounding_overlay
 
+# Images one message may carry; checked before decoding. Eight global views already cost about
+# 3,400 tokens on DeepSeek-VL2, most of the default history budget.
+MAX_IMAGES_PER_MESSAGE = 8
+
 
 @dataclass
 class GenerationParams:
@@ -89,7 +93,13 @@ class ChatEngine:
 
     # --- inputs --------------------------------------------------------------------------------
     def load_images(self, paths: Sequence[str]) -> tuple[list[Image.Image], str | None]:
-        """Decoded RGB images, or ([], message naming the first file that could not be read)."""
+        """Decoded RGB images, or ([], message naming the first file that could not be read).
+
+        More than MAX_IMAGES_PER_MESSAGE files are refused before any is decoded, so a large batch of
+        uploads cannot fill memory.
+        """
+        if len(paths) > MAX_IMAGES_PER_MESSAGE:
+            return [], f"Too many images: {len(paths)} attached, at most {MAX_IMAGES_PER_MESSAGE} per message."
         images = []
         for path in paths:
             try:
@@ -100,8 +110,11 @@ class ChatEngine:
 
     def preview(self, paths: Sequence[str] | None) -> tuple[list[str], str]:
         """(readable uploads for the gallery, warning naming the unreadable ones or "")."""
+        paths = list(paths or [])
+        if len(paths) > MAX_IMAGES_PER_MESSAGE:  # say so before Send, and decode none of them
+            return [], self.load_images(paths)[1]
         good, bad = [], []
-        for path in paths or []:
+        for path in paths:
             try:
                 vl.load_image(path, max_pixels=self.processor.max_pixels)
                 good.append(path)
@@ -141,6 +154,13 @@ class ChatEngine:
             kept, n_tokens = self.fit_history(turns, params.max_history_tokens)
         except ValueError as e:
             current.error = session.notice = f"Could not prepare this message for the model: {e}"
+            yield session
+            return
+        if n_tokens > params.max_history_tokens:  # the newest message alone is over the budget
+            current.error = session.notice = (
+                f"This message needs {n_tokens} prompt tokens, more than max history tokens "
+                f"({params.max_history_tokens}): attach fewer images, shorten it, or raise the budget."
+            )
             yield session
             return
         dropped = len(turns) - len(kept)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import inspect
 import socket
 import time
+import urllib.error
 import urllib.request
 
 import gradio as gr
 import pytest
 
 from demos.app import build_app
-from demos.cli import build_parser, is_loopback, load_chat_engine, make_prove_service
+from demos.cli import build_parser, is_loopback, launch_options, load_chat_engine, main, make_prove_service
 from demos.prove import LeanSettings, ProveService, make_checker
 from demos.tiny import RANDOM_WEIGHTS_LABEL
 
@@ -89,5 +90,48 @@ def test_launched_app_answers_on_loopback_and_runs_a_chat_turn(engine, offline_p
         assert messages == [] and status == "Removed the last turn."
         verdict, _, _ = client.predict("deepseek_v15", "mathd_algebra_10", "norm_num", api_name="/on_verify")
         assert "Not verified: no Lean backend is configured" in verdict and "✅" not in verdict
+    finally:
+        demo.close()
+
+
+def test_a_busy_port_is_a_clear_error_not_a_traceback(capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["--port", str(port)]) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_uploads_over_the_size_limit_are_refused(offline_prove, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    args = build_parser().parse_args(["--port", str(_free_port())])
+    options = launch_options(args)
+    assert options["share"] is False and options["server_name"] == "127.0.0.1"
+    demo = build_app(None, offline_prove)
+    demo.queue().launch(**options)
+    try:
+        limit = demo.max_file_size
+        assert limit is not None and limit <= 64 * 2**20
+
+        def upload(size: int) -> int:
+            boundary = "demosboundary"
+            body = (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="x.png"\r\n'
+                "Content-Type: image/png\r\n\r\n"
+            ).encode() + b"\0" * size + f"\r\n--{boundary}--\r\n".encode()
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{args.port}/gradio_api/upload",
+                data=body,
+                headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    return response.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        assert upload(1000) == 200
+        assert upload(limit + 1) == 413
     finally:
         demo.close()

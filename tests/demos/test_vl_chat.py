@@ -13,7 +13,14 @@ from PIL import Image
 
 import vl
 from demos.overlay import grounding_overlay
-from demos.vl_chat import ChatSession, GenerationParams, chat_messages, latest_overlay, render_reply
+from demos.vl_chat import (
+    MAX_IMAGES_PER_MESSAGE,
+    ChatSession,
+    GenerationParams,
+    chat_messages,
+    latest_overlay,
+    render_reply,
+)
 
 GREEDY = GenerationParams(temperature=0.0, max_new_tokens=6, repetition_penalty=1.0)
 GROUNDED = "<|ref|>x<|/ref|><|det|>[[0,0,499,499]]<|/det|>"
@@ -167,7 +174,9 @@ def test_history_is_truncated_to_the_token_budget(engine, write_image):
     assert engine.fit_history(turns, last_two) == (turns[1:], last_two)
     assert engine.fit_history(turns, 1)[0] == turns[2:]  # the newest turn always stays
 
-    list(engine.send(session, "Last one?", [], GenerationParams(temperature=0, max_new_tokens=2, max_history_tokens=1)))
+    engine.add_turn(session, "Last one?", [])
+    alone = engine.prompt_tokens(session.turns[-1:])
+    list(engine.answer(session, GenerationParams(temperature=0, max_new_tokens=2, max_history_tokens=alone)))
     assert "Dropped the 3 oldest turn(s)" in session.notice
     assert len(session.turns) == 4 and session.turns[-1].reply  # dropped from the prompt, not from the chat
 
@@ -191,3 +200,27 @@ def test_temperature_zero_is_greedy(temperature, sampled):
     kwargs = GenerationParams(temperature=temperature, top_p=0.5).gen_kwargs()
     assert kwargs.get("do_sample", False) is sampled
     assert ("top_p" in kwargs) is sampled
+
+
+def test_a_message_alone_over_the_history_budget_is_refused_not_sent(engine, write_image, monkeypatch):
+    session = ChatSession()
+    engine.add_turn(session, "Describe.", [write_image()])
+    needed = engine.prompt_tokens(session.turns)
+    monkeypatch.setattr(vl, "chat", lambda *a, **k: pytest.fail("an over-budget prompt reached the model"))
+    list(engine.answer(session, GenerationParams(temperature=0, max_new_tokens=2, max_history_tokens=needed - 1)))
+    turn = session.turns[-1]
+    assert turn.error == session.notice and f"needs {needed} prompt tokens" in turn.error and not turn.reply
+    assert chat_messages(session)[-1]["content"].startswith("⚠️")
+    monkeypatch.undo()
+    list(engine.send(session, "Hi?", [], GREEDY))  # the refused turn never enters a later prompt
+    assert session.turns[-1].reply and session.turns[-1].error is None
+
+
+def test_too_many_images_in_one_message_are_refused_before_decoding(engine, write_image, monkeypatch):
+    paths = [write_image(f"{i}.png", seed=i) for i in range(MAX_IMAGES_PER_MESSAGE + 1)]
+    monkeypatch.setattr(vl, "load_image", lambda *a, **k: pytest.fail("decoded an image of a refused batch"))
+    session = ChatSession()
+    assert not engine.add_turn(session, "Describe.", paths)
+    assert f"at most {MAX_IMAGES_PER_MESSAGE} per message" in session.turns[-1].error == session.notice
+    gallery, warning = engine.preview(paths)
+    assert gallery == [] and "Too many images" in warning
