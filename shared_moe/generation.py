@@ -65,7 +65,7 @@ def next_tokens(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
-def _stop_list(eos_token_id: int | list[int] | None) -> list[int]:
+def stop_token_ids(eos_token_id: int | list[int] | None) -> list[int]:
     """The stop ids as a list; None and [] both mean no stop token, as in transformers."""
     if eos_token_id is None:
         return []
@@ -73,7 +73,7 @@ def _stop_list(eos_token_id: int | list[int] | None) -> list[int]:
 
 
 def _stop_ids(eos_token_id: int | list[int] | None, device: torch.device) -> torch.Tensor | None:
-    ids = _stop_list(eos_token_id)
+    ids = stop_token_ids(eos_token_id)
     return torch.tensor(ids, device=device) if ids else None
 
 
@@ -85,13 +85,13 @@ def infer_attention_mask(
     Padding is read off `input_ids` only when pad_token_id occurs there and is not a stop token: DeepSeek
     tokenizers often pad with eos, and a multi-turn prompt holds real eos tokens that must stay visible.
     """
-    if pad_token_id is None or pad_token_id in _stop_list(eos_token_id):
+    if pad_token_id is None or pad_token_id in stop_token_ids(eos_token_id):
         return None
     mask = (input_ids != pad_token_id).long()
     return None if bool(mask.all()) else mask
 
 
-def _check_prompt_and_chunk(prompt_len: int, prefill_chunk_size: int | None) -> None:
+def check_prompt_and_chunk(prompt_len: int, prefill_chunk_size: int | None) -> None:
     """Fail early with the cause: an empty prompt leaves no logits to pick the first token from."""
     if prompt_len == 0:
         raise ValueError("the prompt has no tokens; generation needs at least one (e.g. the BOS token)")
@@ -142,7 +142,7 @@ def stream(
         raise ValueError("pass input_ids or inputs_embeds")
     reference = inputs_embeds if inputs_embeds is not None else input_ids
     batch, prompt_len = reference.shape[:2]
-    _check_prompt_and_chunk(prompt_len, prefill_chunk_size)
+    check_prompt_and_chunk(prompt_len, prefill_chunk_size)
     device = model.device
     stop_ids = _stop_ids(eos_token_id, device)
     pad = pad_token_id if pad_token_id is not None else (int(stop_ids[0]) if stop_ids is not None else 0)

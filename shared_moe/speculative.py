@@ -52,9 +52,10 @@ def mtp_generate(
         raise ValueError("MTP speculative decoding supports one unpadded sequence")
     if do_sample:
         raise ValueError("MTP speculative decoding is greedy only")
-    if input_ids.shape[1] == 0:
-        raise ValueError("the prompt has no tokens; generation needs at least one (e.g. the BOS token)")
-    stops = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    from .generation import check_prompt_and_chunk, stop_token_ids  # generation imports this module
+
+    check_prompt_and_chunk(input_ids.shape[1], None)
+    stops = set(stop_token_ids(eos_token_id))
     input_ids = input_ids.to(model.device)
     if max_new_tokens <= 0:  # as plain generation: the prompt alone
         return SpeculativeResult(input_ids, drafted=0, accepted=0)

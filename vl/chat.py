@@ -4,15 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from shared_moe.generation import stop_token_ids
+
 from .batch import VisionLanguageModel
 from .processing import VL2ChatProcessor, VLChatProcessor
-
-
-def _stop_ids(eos_token_id: int | list[int] | None) -> set[int]:
-    """The stop ids, read as `shared_moe` reads `eos_token_id`: one id, a list of ids, or None for none."""
-    if eos_token_id is None:
-        return set()
-    return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
 
 
 def _pieces(model: VisionLanguageModel, processor, conversation: list, images, gen: dict) -> Iterator[str]:
@@ -22,7 +17,7 @@ def _pieces(model: VisionLanguageModel, processor, conversation: list, images, g
     vision_dtype = next(model.parameters()).dtype
     batch = batch.to(model.lm.device, vision_dtype)
     gen.setdefault("eos_token_id", processor.eos_id)
-    stops = _stop_ids(gen["eos_token_id"])
+    stops = set(stop_token_ids(gen["eos_token_id"]))  # read as shared_moe reads it
     ids: list[int] = []
     emitted = ""
     for token in model.stream(batch, **gen):
